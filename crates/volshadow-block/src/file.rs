@@ -1,0 +1,208 @@
+//! A regular (normally sparse) file used as a block device.
+
+use std::fs::{File, TryLockError};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::{BlockDevice, Error, Op, Result, check_range, sys};
+
+/// Zeros written per call when a file system cannot punch holes.
+const ZERO_RUN: usize = 1 << 20;
+
+/// A file image. `create` makes it sparse; writes and reads are positional;
+/// `flush` is `fdatasync` (`FlushFileBuffers` on Windows); `discard` punches
+/// a hole where the file system can and writes zeros where it cannot.
+///
+/// The file is locked for the life of the value: exclusively for a
+/// read-write open, shared for a read-only one, so a second writer (in this
+/// process or another) gets [`Error::InUse`] instead of silently sharing.
+#[derive(Debug)]
+pub struct FileImage {
+    file: File,
+    path: PathBuf,
+    len: AtomicU64,
+    block_size: u32,
+    read_only: bool,
+}
+
+impl FileImage {
+    /// Creates a new sparse image of `size` bytes. Fails if `path` exists,
+    /// so an existing image is never truncated by mistake.
+    pub fn create(path: impl AsRef<Path>, size: u64) -> Result<Self> {
+        let path = path.as_ref();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|source| Error::Path {
+                path: path.to_owned(),
+                op: Op::Open,
+                source,
+            })?;
+        let image = Self::from_file(file, path, false)?;
+        let io = |source| Error::io(&image.name(), Op::Write, 0, source);
+        sys::make_sparse(&image.file).map_err(io)?;
+        image.file.set_len(size).map_err(io)?;
+        image.len.store(size, Ordering::Release);
+        Ok(image)
+    }
+
+    /// Opens an existing image read-write.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, false)
+    }
+
+    /// Opens an existing image read-only (writes fail with [`Error::ReadOnly`]).
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, true)
+    }
+
+    fn open_with(path: impl AsRef<Path>, read_only: bool) -> Result<Self> {
+        let path = path.as_ref();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| Error::Path {
+                path: path.to_owned(),
+                op: Op::Open,
+                source,
+            })?;
+        Self::from_file(file, path, read_only)
+    }
+
+    fn from_file(file: File, path: &Path, read_only: bool) -> Result<Self> {
+        lock_file(&file, path, read_only)?;
+        let len = file
+            .metadata()
+            .map_err(|source| Error::Path {
+                path: path.to_owned(),
+                op: Op::Query,
+                source,
+            })?
+            .len();
+        Ok(FileImage {
+            file,
+            path: path.to_owned(),
+            len: AtomicU64::new(len),
+            block_size: 512,
+            read_only,
+        })
+    }
+
+    /// The image's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Grows or shrinks the image (a growable diff area uses this). Growing
+    /// adds a hole that reads as zeros.
+    pub fn set_len(&self, size: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                device: self.name(),
+            });
+        }
+        self.file
+            .set_len(size)
+            .map_err(|source| Error::io(&self.name(), Op::Write, size, source))?;
+        self.len.store(size, Ordering::Release);
+        Ok(())
+    }
+
+    fn write_zeros(&self, mut offset: u64, mut len: u64) -> Result<()> {
+        let zeros = vec![0u8; ZERO_RUN.min(len as usize)];
+        while len > 0 {
+            let n = (len as usize).min(zeros.len());
+            sys::write_all_at(&self.file, &zeros[..n], offset)
+                .map_err(|source| Error::io(&self.name(), Op::Discard, offset, source))?;
+            offset += n as u64;
+            len -= n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Takes the open-time lock: exclusive for writers, shared for readers.
+/// `flock` / `LockFileEx` locks belong to the open file description, so a
+/// second open in the same process conflicts too.
+pub(crate) fn lock_file(file: &File, path: &Path, read_only: bool) -> Result<()> {
+    let locked = if read_only {
+        file.try_lock_shared()
+    } else {
+        file.try_lock()
+    };
+    match locked {
+        Ok(()) => Ok(()),
+        Err(TryLockError::WouldBlock) => Err(Error::InUse {
+            device: path.display().to_string(),
+        }),
+        Err(TryLockError::Error(source)) => Err(Error::Path {
+            path: path.to_owned(),
+            op: Op::Lock,
+            source,
+        }),
+    }
+}
+
+impl BlockDevice for FileImage {
+    fn len(&self) -> u64 {
+        self.len.load(Ordering::Acquire)
+    }
+
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self, Op::Read, offset, buf.len() as u64)?;
+        sys::read_exact_at(&self.file, buf, offset)
+            .map_err(|source| Error::io(&self.name(), Op::Read, offset, source))
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                device: self.name(),
+            });
+        }
+        check_range(self, Op::Write, offset, buf.len() as u64)?;
+        sys::write_all_at(&self.file, buf, offset)
+            .map_err(|source| Error::io(&self.name(), Op::Write, offset, source))
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        sys::sync_data(&self.file).map_err(|source| Error::io(&self.name(), Op::Flush, 0, source))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                device: self.name(),
+            });
+        }
+        check_range(self, Op::Discard, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let punched = sys::punch_hole(&self.file, offset, len)
+            .map_err(|source| Error::io(&self.name(), Op::Discard, offset, source))?;
+        if punched {
+            Ok(())
+        } else {
+            self.write_zeros(offset, len)
+        }
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+}

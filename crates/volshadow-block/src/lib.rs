@@ -1,0 +1,116 @@
+//! Block devices for volshadow.
+//!
+//! [`BlockDevice`] is the one interface the engine, the NBD server and the
+//! tests speak. Every method takes `&self` so one device is shared by many
+//! threads; I/O is positional (`pread`/`pwrite`, `seek_read`/`seek_write`),
+//! never through a shared cursor, and never through a memory map on a write
+//! path (a mapped file that shrinks or fails I/O turns into SIGBUS).
+//!
+//! Backends: [`FileImage`] (regular or sparse file), [`MemDevice`] (RAM),
+//! [`RawVolume`] (Linux block device or Windows volume / disk handle) and,
+//! with the `faulty` feature, [`FaultyDevice`] for crash and fault tests.
+//! [`open_device`] picks the backend from what a path is.
+//!
+//! `unsafe` lives only in `sys/`, one small function per OS call.
+#![deny(unsafe_code)]
+
+mod align;
+mod error;
+mod file;
+mod mem;
+mod open;
+mod raw;
+#[allow(unsafe_code)]
+mod sys;
+
+#[cfg(feature = "faulty")]
+pub mod conformance;
+#[cfg(feature = "faulty")]
+mod faulty;
+
+pub use error::{Error, Op, Result};
+pub use file::FileImage;
+pub use mem::MemDevice;
+pub use open::{DeviceKind, OpenOptions, device_kind, open_device};
+pub use raw::RawVolume;
+
+#[cfg(feature = "faulty")]
+pub use faulty::{Fault, FaultAction, FaultError, FaultyDevice, OpKind, OpRecord, PowerCut};
+
+use std::sync::Arc;
+
+/// A random-access block device shared by many threads.
+///
+/// Contract for every implementation (checked by [`conformance`]):
+/// - a request must lie entirely inside `0..len()`; otherwise it fails with
+///   [`Error::OutOfRange`] and nothing is read or written (also when
+///   `offset + len` overflows);
+/// - zero-length reads and writes at any offset `<= len()` succeed and do
+///   nothing;
+/// - `read_at` fills the whole buffer or fails; `write_at` writes the whole
+///   buffer or fails;
+/// - after `flush` returns, every write that returned before `flush` was
+///   called is durable;
+/// - after `discard(off, len)` the range reads back as zeros.
+///
+/// Offsets and lengths need not be aligned to `block_size`; backends that
+/// need alignment (O_DIRECT, `FILE_FLAG_NO_BUFFERING`) bounce internally.
+pub trait BlockDevice: Send + Sync {
+    /// Size in bytes.
+    fn len(&self) -> u64;
+    /// Logical sector size in bytes (512 or 4096).
+    fn block_size(&self) -> u32;
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Makes every completed write durable (`fdatasync` / `FlushFileBuffers`).
+    fn flush(&self) -> Result<()>;
+    /// Tells the device `len` bytes at `offset` are no longer needed; they
+    /// read back as zeros afterwards.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// True for devices that refuse writes.
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    /// A short human-readable name (a path, "memory", a snapshot id).
+    fn name(&self) -> String;
+    /// `len() == 0`.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+macro_rules! forward_block_device {
+    ($($ptr:ty),*) => {$(
+        impl<D: BlockDevice + ?Sized> BlockDevice for $ptr {
+            fn len(&self) -> u64 { (**self).len() }
+            fn block_size(&self) -> u32 { (**self).block_size() }
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> { (**self).read_at(buf, offset) }
+            fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> { (**self).write_at(buf, offset) }
+            fn flush(&self) -> Result<()> { (**self).flush() }
+            fn discard(&self, offset: u64, len: u64) -> Result<()> { (**self).discard(offset, len) }
+            fn is_read_only(&self) -> bool { (**self).is_read_only() }
+            fn name(&self) -> String { (**self).name() }
+        }
+    )*};
+}
+forward_block_device!(Arc<D>, Box<D>, &D);
+
+/// Checks that `len` bytes at `offset` fit in a device of `size` bytes.
+///
+/// Every backend calls this before touching data, so an out-of-range request
+/// never performs a partial write.
+pub fn check_range(device: &dyn BlockDevice, op: Op, offset: u64, len: u64) -> Result<()> {
+    let size = device.len();
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange {
+            device: device.name(),
+            op,
+            offset,
+            len,
+            size,
+        }),
+    }
+}

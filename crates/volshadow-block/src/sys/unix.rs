@@ -1,0 +1,127 @@
+//! Unix: positional I/O through std, hole punching and block-device queries
+//! through rustix.
+
+use std::fs::{File, Metadata};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+
+pub(crate) fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    file.read_exact_at(buf, offset)
+}
+
+pub(crate) fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    file.write_all_at(buf, offset)
+}
+
+/// `fdatasync`: data and the metadata needed to read it back.
+pub(crate) fn sync_data(file: &File) -> io::Result<()> {
+    file.sync_data()
+}
+
+/// Deallocates a range so it reads back as zeros. Returns `Ok(false)` when
+/// the file system or device cannot, so the caller writes zeros instead.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+    use rustix::fs::{FallocateFlags, fallocate};
+    let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    match fallocate(file, mode, offset, len) {
+        Ok(()) => Ok(true),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn punch_hole(_file: &File, _offset: u64, _len: u64) -> io::Result<bool> {
+    Ok(false)
+}
+
+/// A new regular file is sparse on every unix file system that supports
+/// holes; nothing to do.
+pub(crate) fn make_sparse(_file: &File) -> io::Result<()> {
+    Ok(())
+}
+
+pub(crate) fn is_block_device(meta: &Metadata) -> bool {
+    meta.file_type().is_block_device()
+}
+
+/// Size in bytes and logical sector size of an open block device.
+#[cfg(target_os = "linux")]
+pub(crate) fn block_device_geometry(file: &File) -> io::Result<(u64, u32)> {
+    use rustix::ioctl::{Getter, ioctl, opcode};
+    // BLKGETSIZE64 = _IOR(0x12, 114, size_t) in <linux/fs.h>.
+    const BLKGETSIZE64: rustix::ioctl::Opcode = opcode::read::<usize>(0x12, 114);
+    // SAFETY: BLKGETSIZE64 writes exactly one size_t (u64 on every 64-bit
+    // Linux, usize in general) into the pointer the Getter provides; the
+    // opcode is the kernel's and `file` is an open descriptor.
+    let size: usize = unsafe { ioctl(file, Getter::<BLKGETSIZE64, usize>::new()) }?;
+    let sector = rustix::fs::ioctl_blksszget(file)?;
+    Ok((size as u64, sector))
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn block_device_geometry(_file: &File) -> io::Result<(u64, u32)> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "raw block devices are supported on Linux and Windows only",
+    ))
+}
+
+/// Opens a raw volume: read-write unless `read_only`, `O_EXCL` on block
+/// devices (Linux refuses it while the device is mounted or held by another
+/// exclusive opener), `O_DIRECT` when asked.
+pub(crate) fn open_raw(
+    path: &std::path::Path,
+    read_only: bool,
+    direct: bool,
+    block_device: bool,
+) -> io::Result<File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(!read_only);
+    let mut flags = 0;
+    if block_device && !read_only {
+        flags |= libc_o_excl();
+    }
+    if direct {
+        flags |= o_direct()?;
+    }
+    opts.custom_flags(flags);
+    opts.open(path)
+}
+
+fn libc_o_excl() -> i32 {
+    rustix::fs::OFlags::EXCL.bits() as i32
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn o_direct() -> io::Result<i32> {
+    Ok(rustix::fs::OFlags::DIRECT.bits() as i32)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn o_direct() -> io::Result<i32> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "O_DIRECT is not available on this system",
+    ))
+}
+
+/// Alignment that unbuffered I/O on this file needs when it is not a block
+/// device (a regular file opened with O_DIRECT): the file system's block
+/// size covers every device sector size below it.
+pub(crate) fn file_direct_alignment(meta: &Metadata) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    (meta.blksize() as u32).clamp(512, 4096)
+}
+
+/// Volume locking and dismounting are Windows notions; on unix exclusivity
+/// comes from `O_EXCL` and `flock`.
+pub(crate) fn lock_volume(_file: &File, _dismount: bool) -> io::Result<()> {
+    Ok(())
+}
+
+/// On unix a device is recognised by its file type, not its name.
+pub(crate) fn is_device_path(_path: &std::path::Path) -> bool {
+    false
+}

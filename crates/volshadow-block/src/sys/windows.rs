@@ -1,0 +1,229 @@
+//! Windows: positional I/O through std (`seek_read` / `seek_write` on a
+//! handle opened without `FILE_FLAG_OVERLAPPED` do not depend on the file
+//! pointer's previous value), volume and disk control codes through
+//! `windows-sys`.
+
+use std::ffi::c_void;
+use std::fs::{File, Metadata};
+use std::io;
+use std::os::windows::ffi::OsStrExt;
+use std::os::windows::fs::FileExt;
+use std::os::windows::io::{AsRawHandle, FromRawHandle};
+use std::path::Path;
+
+use windows_sys::Win32::Foundation::{GENERIC_READ, GENERIC_WRITE, INVALID_HANDLE_VALUE};
+use windows_sys::Win32::Storage::FileSystem::{
+    CreateFileW, FILE_ATTRIBUTE_NORMAL, FILE_FLAG_NO_BUFFERING, FILE_FLAG_WRITE_THROUGH,
+    FILE_SHARE_READ, FILE_SHARE_WRITE, OPEN_EXISTING,
+};
+use windows_sys::Win32::System::IO::DeviceIoControl;
+use windows_sys::Win32::System::Ioctl::{
+    DISK_GEOMETRY, FILE_ZERO_DATA_INFORMATION, FSCTL_DISMOUNT_VOLUME, FSCTL_LOCK_VOLUME,
+    FSCTL_SET_SPARSE, FSCTL_SET_ZERO_DATA, GET_LENGTH_INFORMATION, IOCTL_DISK_GET_DRIVE_GEOMETRY,
+    IOCTL_DISK_GET_LENGTH_INFO,
+};
+
+pub(crate) fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match file.seek_read(buf, offset) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "read past the end of the file",
+                ));
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn write_all_at(file: &File, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match file.seek_write(buf, offset) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => {
+                buf = &buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `FlushFileBuffers`.
+pub(crate) fn sync_data(file: &File) -> io::Result<()> {
+    file.sync_data()
+}
+
+/// Issues one `DeviceIoControl`.
+///
+/// # Safety
+/// `I` and `O` must be the input and output structures that `code` is
+/// documented to take (or `()` for none); the kernel reads
+/// `size_of::<I>()` bytes from `input` and writes at most `size_of::<O>()`
+/// bytes into `output`.
+unsafe fn device_io_control<I, O>(
+    file: &File,
+    code: u32,
+    input: Option<&I>,
+    output: Option<&mut O>,
+) -> io::Result<()> {
+    let (in_ptr, in_len) = match input {
+        Some(i) => ((i as *const I).cast::<c_void>(), size_of::<I>() as u32),
+        None => (std::ptr::null(), 0),
+    };
+    let (out_ptr, out_len) = match output {
+        Some(o) => ((o as *mut O).cast::<c_void>(), size_of::<O>() as u32),
+        None => (std::ptr::null_mut(), 0),
+    };
+    let mut returned = 0u32;
+    // SAFETY: the handle is open for the life of `file`; the buffers are
+    // valid for the sizes given (caller's contract); the call is synchronous
+    // (no OVERLAPPED), so nothing outlives this frame.
+    let ok = unsafe {
+        DeviceIoControl(
+            file.as_raw_handle(),
+            code,
+            in_ptr,
+            in_len,
+            out_ptr,
+            out_len,
+            &mut returned,
+            std::ptr::null_mut(),
+        )
+    };
+    if ok == 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Deallocates (sparse file) or zeroes a range with `FSCTL_SET_ZERO_DATA`.
+/// Returns `Ok(false)` where the file system does not support it.
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+    let info = FILE_ZERO_DATA_INFORMATION {
+        FileOffset: offset as i64,
+        BeyondFinalZero: (offset + len) as i64,
+    };
+    // SAFETY: FSCTL_SET_ZERO_DATA takes a FILE_ZERO_DATA_INFORMATION and
+    // returns nothing.
+    match unsafe { device_io_control::<_, ()>(file, FSCTL_SET_ZERO_DATA, Some(&info), None) } {
+        Ok(()) => Ok(true),
+        Err(e) if is_unsupported(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Marks a new image file sparse so unwritten ranges take no space.
+pub(crate) fn make_sparse(file: &File) -> io::Result<()> {
+    // SAFETY: FSCTL_SET_SPARSE with no input buffer means "set sparse".
+    match unsafe { device_io_control::<(), ()>(file, FSCTL_SET_SPARSE, None, None) } {
+        Err(e) if !is_unsupported(&e) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn is_unsupported(e: &io::Error) -> bool {
+    // ERROR_INVALID_FUNCTION (1), ERROR_NOT_SUPPORTED (50),
+    // ERROR_INVALID_PARAMETER (87) come back from file systems without the
+    // control code.
+    matches!(e.raw_os_error(), Some(1 | 50 | 87))
+}
+
+/// Windows has no "block device" file type; devices are named by path.
+pub(crate) fn is_block_device(_meta: &Metadata) -> bool {
+    false
+}
+
+/// Length and sector size of a volume or disk; for a plain file (tests,
+/// images opened as raw) the file's length and a 4096-byte alignment, which
+/// satisfies unbuffered I/O on any sector size up to 4 KiB.
+pub(crate) fn block_device_geometry(file: &File) -> io::Result<(u64, u32)> {
+    let mut len = GET_LENGTH_INFORMATION { Length: 0 };
+    // SAFETY: IOCTL_DISK_GET_LENGTH_INFO writes one GET_LENGTH_INFORMATION.
+    let size = match unsafe {
+        device_io_control::<(), _>(file, IOCTL_DISK_GET_LENGTH_INFO, None, Some(&mut len))
+    } {
+        Ok(()) => len.Length as u64,
+        Err(_) => file.metadata()?.len(),
+    };
+    // SAFETY: DISK_GEOMETRY is plain data; all-zero is a valid value.
+    let mut geo: DISK_GEOMETRY = unsafe { std::mem::zeroed() };
+    // SAFETY: IOCTL_DISK_GET_DRIVE_GEOMETRY writes one DISK_GEOMETRY.
+    let sector = match unsafe {
+        device_io_control::<(), _>(file, IOCTL_DISK_GET_DRIVE_GEOMETRY, None, Some(&mut geo))
+    } {
+        Ok(()) if geo.BytesPerSector.is_power_of_two() => geo.BytesPerSector,
+        _ => 4096,
+    };
+    Ok((size, sector))
+}
+
+/// Opens a volume, disk or file unbuffered and write-through, as the engine
+/// needs for a raw volume: every completed write is on the device.
+pub(crate) fn open_raw(
+    path: &Path,
+    read_only: bool,
+    _direct: bool,
+    _block_device: bool,
+) -> io::Result<File> {
+    let wide: Vec<u16> = path.as_os_str().encode_wide().chain(Some(0)).collect();
+    let access = if read_only {
+        GENERIC_READ
+    } else {
+        GENERIC_READ | GENERIC_WRITE
+    };
+    // SAFETY: `wide` is a NUL-terminated UTF-16 path that outlives the call;
+    // null security attributes and template handle are allowed.
+    let handle = unsafe {
+        CreateFileW(
+            wide.as_ptr(),
+            access,
+            FILE_SHARE_READ | FILE_SHARE_WRITE,
+            std::ptr::null(),
+            OPEN_EXISTING,
+            FILE_ATTRIBUTE_NORMAL | FILE_FLAG_NO_BUFFERING | FILE_FLAG_WRITE_THROUGH,
+            std::ptr::null_mut(),
+        )
+    };
+    if handle == INVALID_HANDLE_VALUE {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `handle` was just returned by CreateFileW, is valid and owned
+    // by nobody else; File takes ownership and closes it once.
+    Ok(unsafe { File::from_raw_handle(handle) })
+}
+
+/// Unbuffered I/O alignment for a plain file opened as a raw volume.
+pub(crate) fn file_direct_alignment(_meta: &Metadata) -> u32 {
+    4096
+}
+
+/// `FSCTL_LOCK_VOLUME`, then `FSCTL_DISMOUNT_VOLUME` if asked: the engine
+/// owns the volume, no file system may have it mounted underneath.
+pub(crate) fn lock_volume(file: &File, dismount: bool) -> io::Result<()> {
+    // SAFETY: both control codes take no input and produce no output.
+    unsafe {
+        device_io_control::<(), ()>(file, FSCTL_LOCK_VOLUME, None, None)?;
+        if dismount {
+            device_io_control::<(), ()>(file, FSCTL_DISMOUNT_VOLUME, None, None)?;
+        }
+    }
+    Ok(())
+}
+
+/// Device paths (`\\.\X:`, `\\.\PhysicalDriveN`, `\\?\Volume{..}`) name
+/// volumes and disks rather than files.
+pub(crate) fn is_device_path(path: &Path) -> bool {
+    let s = path.as_os_str().to_string_lossy();
+    s.starts_with(r"\\.\") || (s.starts_with(r"\\?\Volume{") && !s.ends_with('\\'))
+}
