@@ -81,6 +81,15 @@ pub trait BlockDevice: Send + Sync {
     }
 }
 
+impl std::fmt::Debug for dyn BlockDevice + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockDevice")
+            .field("name", &self.name())
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
 macro_rules! forward_block_device {
     ($($ptr:ty),*) => {$(
         impl<D: BlockDevice + ?Sized> BlockDevice for $ptr {

@@ -1,1 +1,31 @@
-//! (in progress)
+//! volshadow's copy-on-write engine.
+//!
+//! A [`Volume`] puts a copy-on-write layer in front of an origin device and
+//! keeps old data in a diff area (another device). Snapshots are cheap
+//! (no I/O proportional to the volume), share preserved data (one copy per
+//! chunk per snapshot interval however many snapshots exist), survive
+//! crashes when persistent, and report the chunks changed between any two.
+//! The design and its invariants are in DESIGN.md §2 and docs/FORMAT.md.
+#![forbid(unsafe_code)]
+
+mod bitmap;
+mod commit;
+mod error;
+pub mod format;
+mod gate;
+mod index;
+mod journal;
+mod set;
+mod types;
+mod view;
+mod volume;
+
+pub use error::{Error, Result};
+pub use format::FullPolicy;
+pub use set::{DEFAULT_HOLD_TIMEOUT, SnapshotSet};
+pub use types::{
+    DEFAULT_CHUNK_SIZE, DEFAULT_MAX_SNAPSHOTS, Extent, Mismatch, SnapshotInfo, SnapshotOptions,
+    Target, Usage, VerifyReport, VolumeOptions, attributes,
+};
+pub use view::SnapshotView;
+pub use volume::Volume;

@@ -1,0 +1,106 @@
+//! The engine's error type.
+
+use std::io;
+
+use uuid::Uuid;
+
+/// Errors of the copy-on-write engine. Each says what failed and where.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The origin or diff-area device failed.
+    #[error(transparent)]
+    Block(#[from] volshadow_block::Error),
+    /// Options that cannot work (chunk size, sizes, limits).
+    #[error("invalid options: {0}")]
+    InvalidOptions(String),
+    /// The diff area does not start with a valid volshadow superblock.
+    #[error("{device} is not a volshadow diff area: {reason}")]
+    NotADiffArea { device: String, reason: String },
+    /// Written by a newer format or with features this build lacks.
+    #[error(
+        "{device}: diff area format {version} with incompatible features {features:#x} is not supported by this build (format {supported})"
+    )]
+    Unsupported {
+        device: String,
+        version: u32,
+        features: u64,
+        supported: u32,
+    },
+    /// The diff area belongs to another origin, or the origin was resized.
+    #[error(
+        "diff area {diff} was made for a {expected}-byte origin {expected_id}, but {origin} has {found} bytes{detail}"
+    )]
+    OriginMismatch {
+        diff: String,
+        origin: String,
+        expected: u64,
+        found: u64,
+        expected_id: Uuid,
+        detail: String,
+    },
+    /// Structures inside the diff area contradict each other.
+    #[error("diff area {device} is corrupt at offset {offset}: {reason}")]
+    Corrupt {
+        device: String,
+        offset: u64,
+        reason: String,
+    },
+    /// No live snapshot has this id.
+    #[error("no snapshot {0}")]
+    SnapshotNotFound(Uuid),
+    /// The diff area is full and the policy is to fail writes.
+    #[error(
+        "diff area is full ({used} of {max} bytes used); the write was refused and nothing changed"
+    )]
+    DiffAreaFull { used: u64, max: u64 },
+    /// The per-volume snapshot limit is reached.
+    #[error("volume already has {0} snapshots, the limit")]
+    TooManySnapshots(usize),
+    /// A write or discard on a snapshot.
+    #[error("snapshot {0} is read-only")]
+    ReadOnly(Uuid),
+    /// Writes could not be held / drained in time.
+    #[error("timed out after {0:?} waiting for in-flight writes to drain")]
+    Timeout(std::time::Duration),
+    /// An earlier I/O failure left in-memory and on-disk state possibly
+    /// apart; the volume refuses writes until it is reopened (recovery).
+    #[error("volume needs recovery after an earlier I/O error; reopen it")]
+    NeedsRecovery,
+    /// The journal region cannot hold a checkpoint of this many versions.
+    #[error("journal region too small: a checkpoint needs {needed} bytes, a half holds {capacity}")]
+    JournalTooSmall { needed: u64, capacity: u64 },
+}
+
+impl Error {
+    /// The closest `io::ErrorKind`, for errno-speaking callers.
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            Error::Block(e) => e.kind(),
+            Error::InvalidOptions(_) => io::ErrorKind::InvalidInput,
+            Error::DiffAreaFull { .. } | Error::JournalTooSmall { .. } => {
+                io::ErrorKind::StorageFull
+            }
+            Error::ReadOnly(_) => io::ErrorKind::PermissionDenied,
+            Error::SnapshotNotFound(_) => io::ErrorKind::NotFound,
+            Error::Timeout(_) => io::ErrorKind::TimedOut,
+            Error::TooManySnapshots(_) => io::ErrorKind::QuotaExceeded,
+            _ => io::ErrorKind::InvalidData,
+        }
+    }
+
+    /// As a block-layer error, for the `BlockDevice` impls.
+    pub(crate) fn into_block(self, device: String) -> volshadow_block::Error {
+        match self {
+            Error::Block(e) => e,
+            other => volshadow_block::Error::Layer {
+                device,
+                kind: other.kind(),
+                source: Box::new(other),
+            },
+        }
+    }
+}
+
+/// Result alias of the engine.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

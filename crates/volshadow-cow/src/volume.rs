@@ -1,0 +1,1265 @@
+//! `Volume`: the live origin behind a copy-on-write layer, and everything
+//! done to its snapshots.
+//!
+//! Lock order (never taken the other way round): gate -> chunk stripes ->
+//! state. The journal lives inside the state, so "append a record and
+//! update the index" is one critical section and a checkpoint always sees
+//! a state that matches the records before it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::{info, warn};
+use uuid::Uuid;
+use volshadow_block::{BlockDevice, Op, check_range};
+
+use crate::bitmap::AtomicBitmap;
+use crate::commit::GroupCommit;
+use crate::error::{Error, Result};
+use crate::format::{
+    FORMAT_VERSION, FullPolicy, HASH_LEN, Record, RevertState, SUPERBLOCK_SLOT, SnapshotRecord,
+    Superblock, VersionRecord,
+};
+use crate::gate::{Closed, Gate};
+use crate::index::{SlotAllocator, VersionIndex};
+use crate::journal::Journal;
+use crate::types::{
+    DEFAULT_MAX_SNAPSHOTS, Extent, Mismatch, SnapshotInfo, SnapshotOptions, Target, Usage,
+    VerifyReport, VolumeOptions, attributes,
+};
+use crate::view::SnapshotView;
+
+/// Chunk-stripe locks: a write that must preserve chunk `c` holds stripe
+/// `c % STRIPES` until the origin write is done; a snapshot read of `c`
+/// holds it while it decides where to read from and reads.
+const STRIPES: usize = 1024;
+/// Versions per checkpoint record.
+const CHECKPOINT_BATCH: usize = 4096;
+/// Revert journals its progress every this many chunks.
+const REVERT_STEP: u64 = 1024;
+/// Fixed part of each journal half; the rest scales with the slot count.
+const JOURNAL_BASE: u64 = 128 << 10;
+/// Journal bytes per slot: a checkpoint entry is at most ~21 bytes.
+const JOURNAL_PER_SLOT: u64 = 32;
+/// How long user operations wait for in-flight writes to drain.
+const DEFAULT_HOLD: Duration = Duration::from_secs(10);
+
+/// Sizes and offsets fixed at `create`.
+#[derive(Debug, Clone)]
+pub(crate) struct Geometry {
+    pub(crate) chunk: u64,
+    pub(crate) shift: u32,
+    pub(crate) chunks: u64,
+    pub(crate) origin_len: u64,
+    pub(crate) hash_offset: u64,
+    pub(crate) data_offset: u64,
+    pub(crate) slots: u32,
+    pub(crate) uuid: Uuid,
+}
+
+impl Geometry {
+    fn from_superblock(sb: &Superblock) -> Self {
+        Geometry {
+            chunk: sb.chunk_size as u64,
+            shift: sb.chunk_size.trailing_zeros(),
+            chunks: sb.origin_len.div_ceil(sb.chunk_size as u64),
+            origin_len: sb.origin_len,
+            hash_offset: sb.hash_offset,
+            data_offset: sb.data_offset,
+            slots: sb.slots as u32,
+            uuid: Uuid::from_bytes(sb.uuid),
+        }
+    }
+
+    /// Offset and length of chunk `c` in the origin (the last may be short).
+    pub(crate) fn chunk_range(&self, c: u64) -> (u64, usize) {
+        let off = c << self.shift;
+        (off, (self.origin_len - off).min(self.chunk) as usize)
+    }
+
+    pub(crate) fn slot_offset(&self, slot: u32) -> u64 {
+        self.data_offset + slot as u64 * self.chunk
+    }
+
+    fn hash_offset(&self, slot: u32) -> u64 {
+        self.hash_offset + slot as u64 * HASH_LEN
+    }
+}
+
+/// Plans the diff-area layout for a device of `diff_len` bytes.
+fn plan_layout(diff_len: u64, chunk: u64) -> Option<(u64, u64, u64, u64)> {
+    let align = |x: u64| x.next_multiple_of(4096);
+    let journal_offset = 2 * SUPERBLOCK_SLOT;
+    let per_slot = chunk + HASH_LEN + 2 * JOURNAL_PER_SLOT;
+    let fixed = journal_offset + 2 * JOURNAL_BASE + 3 * 4096;
+    let mut slots = diff_len.checked_sub(fixed)? / per_slot;
+    slots = slots.min(u32::MAX as u64);
+    loop {
+        let half = align(JOURNAL_BASE + slots * JOURNAL_PER_SLOT);
+        let hash_offset = journal_offset + 2 * half;
+        let data_offset = align(hash_offset + slots * HASH_LEN);
+        if data_offset + slots * chunk <= diff_len {
+            return Some((half, hash_offset, data_offset, slots));
+        }
+        slots = slots.checked_sub(1)?;
+    }
+}
+
+/// Mutable engine state, including the journal.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) snapshots: BTreeMap<u64, SnapshotRecord>,
+    pub(crate) index: VersionIndex,
+    slots: SlotAllocator,
+    max_slots: u64,
+    policy: FullPolicy,
+    next_seq: u64,
+    revert: Option<RevertState>,
+    journal: Journal,
+    chunk: u64,
+}
+
+impl State {
+    pub(crate) fn newest(&self) -> Option<u64> {
+        self.snapshots.keys().next_back().copied()
+    }
+
+    fn any_persistent(&self) -> bool {
+        self.snapshots.values().any(|s| s.persistent)
+    }
+
+    fn checkpoint_records(&self) -> Vec<Record> {
+        let mut out = vec![Record::Checkpoint {
+            next_seq: self.next_seq,
+            max_bytes: self.max_slots * self.chunk,
+            policy: self.policy,
+            snapshots: self.snapshots.values().cloned().collect(),
+            revert: self.revert,
+        }];
+        let all: Vec<VersionRecord> = self.index.iter().collect();
+        out.extend(
+            all.chunks(CHECKPOINT_BATCH)
+                .map(|b| Record::CheckpointVersions(b.to_vec())),
+        );
+        out.push(Record::CheckpointEnd {
+            versions: all.len() as u64,
+        });
+        out
+    }
+
+    /// Appends a record, compacting first if the active half is full.
+    fn log(&mut self, rec: Record) -> Result<()> {
+        let len = self.journal.encoded_len(&rec)?;
+        if !self.journal.has_room(len) {
+            let records = self.checkpoint_records();
+            self.journal.checkpoint(records)?;
+        }
+        self.journal.append(&rec)
+    }
+
+    /// Removes snapshot `seq` from memory; returns the slots nobody needs.
+    fn forget(&mut self, seq: u64) -> Vec<u32> {
+        self.snapshots.remove(&seq);
+        let pred = self.snapshots.range(..seq).next_back().map(|(&s, _)| s);
+        self.index.drop_tag(seq, pred)
+    }
+
+    fn find(&self, id: Uuid) -> Result<u64> {
+        self.snapshots
+            .values()
+            .find(|s| s.id == *id.as_bytes())
+            .map(|s| s.seq)
+            .ok_or(Error::SnapshotNotFound(id))
+    }
+}
+
+/// Builds the state a journal describes, checking every record against
+/// what came before; any contradiction is corruption, reported with the
+/// record's position.
+struct Replayer {
+    state: State,
+    used: AtomicBitmap,
+    chunks: u64,
+    slots: u32,
+    name: String,
+    checkpoint_seen: bool,
+}
+
+impl Replayer {
+    fn corrupt(&self, n: usize, reason: impl Into<String>) -> Error {
+        Error::Corrupt {
+            device: self.name.clone(),
+            offset: 0,
+            reason: format!("journal record {n}: {}", reason.into()),
+        }
+    }
+
+    fn add_version(&mut self, n: usize, v: VersionRecord) -> Result<()> {
+        if v.chunk as u64 >= self.chunks || v.slot >= self.slots {
+            return Err(self.corrupt(n, format!("version {v:?} is out of range")));
+        }
+        if !self.state.snapshots.contains_key(&v.tag) {
+            return Err(self.corrupt(n, format!("version {v:?} names no live snapshot")));
+        }
+        if self.used.get(v.slot as u64) {
+            return Err(self.corrupt(n, format!("slot {} is used twice", v.slot)));
+        }
+        if !self.state.index.insert(v.chunk, v.tag, v.slot) {
+            return Err(self.corrupt(
+                n,
+                format!("chunk {} preserved twice for {}", v.chunk, v.tag),
+            ));
+        }
+        self.used.set(v.slot as u64);
+        Ok(())
+    }
+
+    fn apply(&mut self, n: usize, rec: Record) -> Result<()> {
+        let is_checkpoint = matches!(rec, Record::Checkpoint { .. });
+        if (n == 0) != is_checkpoint {
+            return Err(self.corrupt(n, "a journal half must start with exactly one checkpoint"));
+        }
+        let st = &mut self.state;
+        match rec {
+            Record::Checkpoint {
+                next_seq,
+                max_bytes,
+                policy,
+                snapshots,
+                revert,
+            } => {
+                st.next_seq = next_seq;
+                st.max_slots = (max_bytes / st.chunk).min(self.slots as u64);
+                st.policy = policy;
+                st.revert = revert;
+                for s in snapshots {
+                    if s.seq == 0 || s.seq >= next_seq || st.snapshots.insert(s.seq, s).is_some() {
+                        return Err(self.corrupt(n, "checkpoint lists a bad or duplicate snapshot"));
+                    }
+                }
+            }
+            Record::CheckpointVersions(vs) => {
+                if self.checkpoint_seen {
+                    return Err(self.corrupt(n, "checkpoint versions after the checkpoint ended"));
+                }
+                for v in vs {
+                    self.add_version(n, v)?;
+                }
+            }
+            Record::CheckpointEnd { versions } => {
+                if versions != st.index.len() || self.checkpoint_seen {
+                    return Err(self.corrupt(n, "checkpoint version count does not match"));
+                }
+                self.checkpoint_seen = true;
+            }
+            _ if !self.checkpoint_seen => {
+                return Err(self.corrupt(n, "record before the checkpoint ended"));
+            }
+            Record::SnapshotCreate(s) => {
+                if s.seq < st.next_seq.max(1) {
+                    return Err(self.corrupt(n, format!("snapshot seq {} reused", s.seq)));
+                }
+                st.next_seq = s.seq + 1;
+                st.snapshots.insert(s.seq, s);
+            }
+            Record::Preserve(v) => {
+                if Some(v.tag) != st.newest() {
+                    return Err(
+                        self.corrupt(n, format!("{v:?} is not tagged with the newest snapshot"))
+                    );
+                }
+                self.add_version(n, v)?;
+            }
+            Record::SnapshotDelete { seq } => {
+                if !st.snapshots.contains_key(&seq) {
+                    return Err(self.corrupt(n, format!("delete of unknown snapshot {seq}")));
+                }
+                for slot in st.forget(seq) {
+                    self.used.clear(slot as u64);
+                }
+            }
+            Record::Limits { max_bytes, policy } => {
+                st.max_slots = (max_bytes / st.chunk).min(self.slots as u64);
+                st.policy = policy;
+            }
+            Record::RevertBegin { seq } => st.revert = Some(RevertState { seq, next_chunk: 0 }),
+            Record::RevertProgress { next_chunk } => match st.revert.as_mut() {
+                Some(r) => r.next_chunk = next_chunk,
+                None => return Err(self.corrupt(n, "revert progress without a revert")),
+            },
+            Record::RevertEnd => st.revert = None,
+        }
+        Ok(())
+    }
+}
+
+/// What a write does to its range.
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    Data(&'a [u8]),
+    Discard(u64),
+}
+
+impl Payload<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Payload::Data(d) => d.len() as u64,
+            Payload::Discard(n) => *n,
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) origin: Arc<dyn BlockDevice>,
+    pub(crate) diff: Arc<dyn BlockDevice>,
+    pub(crate) geo: Geometry,
+    gate: Gate,
+    state: RwLock<State>,
+    /// Chunks preserved since the newest snapshot was taken.
+    preserved: AtomicBitmap,
+    /// Chunks that have (or once had) a preserved version: a hint that lets
+    /// snapshot reads of never-changed chunks skip the index.
+    has_any: AtomicBitmap,
+    /// Newest live snapshot's seq, 0 when there is none.
+    newest: AtomicU64,
+    stripes: Box<[Mutex<()>]>,
+    commit: GroupCommit,
+    failed: AtomicBool,
+    max_snapshots: AtomicU64,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume")
+            .field("origin", &self.origin.name())
+            .field("diff", &self.diff.name())
+            .field("uuid", &self.geo.uuid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A volume: the origin device behind the copy-on-write layer, with its
+/// diff area. Cloning is cheap and shares the volume.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    pub(crate) inner: Arc<Inner>,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl Volume {
+    /// Initialises a diff area for `origin` on `diff` and opens the volume.
+    pub fn create(
+        origin: Arc<dyn BlockDevice>,
+        diff: Arc<dyn BlockDevice>,
+        options: VolumeOptions,
+    ) -> Result<Self> {
+        let cs = options.chunk_size;
+        if !cs.is_power_of_two() || !(4096..=1 << 20).contains(&cs) {
+            return Err(Error::InvalidOptions(format!(
+                "chunk size {cs} is not a power of two between 4 KiB and 1 MiB"
+            )));
+        }
+        let chunk = cs as u64;
+        let origin_len = origin.len();
+        if origin_len == 0 || origin_len.div_ceil(chunk) > u32::MAX as u64 {
+            return Err(Error::InvalidOptions(format!(
+                "origin of {origin_len} bytes cannot be split into at most 2^32 chunks of {cs}"
+            )));
+        }
+        if !options.overwrite && Journal::read_superblock(&*diff).is_ok() {
+            return Err(Error::InvalidOptions(format!(
+                "{} already holds a diff area; refusing to overwrite it",
+                diff.name()
+            )));
+        }
+        let (half, hash_offset, data_offset, slots) = plan_layout(diff.len(), chunk)
+            .filter(|l| l.3 > 0)
+            .ok_or_else(|| {
+                Error::InvalidOptions(format!(
+                    "diff area of {} bytes is too small for even one {cs}-byte chunk",
+                    diff.len()
+                ))
+            })?;
+        let capacity = slots * chunk;
+        let max_bytes = match (options.max_bytes, options.policy) {
+            (_, FullPolicy::Grow { max }) if max > capacity => {
+                return Err(Error::InvalidOptions(format!(
+                    "grow limit {max} exceeds the diff area's capacity of {capacity} bytes"
+                )));
+            }
+            (Some(m), _) if m > capacity => {
+                return Err(Error::InvalidOptions(format!(
+                    "maximum {m} exceeds the diff area's capacity of {capacity} bytes"
+                )));
+            }
+            (Some(m), _) => m,
+            (None, _) => capacity,
+        };
+        let sb = Superblock {
+            version: FORMAT_VERSION,
+            incompat: 0,
+            compat: 0,
+            generation: 0,
+            uuid: *Uuid::new_v4().as_bytes(),
+            chunk_size: cs,
+            origin_len,
+            diff_len: diff.len(),
+            journal_offset: 2 * SUPERBLOCK_SLOT,
+            journal_half: half,
+            hash_offset,
+            data_offset,
+            slots,
+            active_half: 0,
+            epoch: 1,
+        };
+        let checkpoint = vec![
+            Record::Checkpoint {
+                next_seq: 1,
+                max_bytes,
+                policy: options.policy,
+                snapshots: Vec::new(),
+                revert: None,
+            },
+            Record::CheckpointEnd { versions: 0 },
+        ];
+        let journal = Journal::create(diff.clone(), sb.clone(), checkpoint)?;
+        let state = State {
+            snapshots: BTreeMap::new(),
+            index: VersionIndex::default(),
+            slots: SlotAllocator::new(slots as u32),
+            max_slots: max_bytes / chunk,
+            policy: options.policy,
+            next_seq: 1,
+            revert: None,
+            journal,
+            chunk,
+        };
+        info!(origin = %origin.name(), diff = %diff.name(), slots, "created diff area");
+        Self::assemble(origin, diff, &sb, state)
+    }
+
+    /// Opens an existing volume, running recovery: the journal is replayed
+    /// (a torn tail is cut off), non-persistent snapshots are discarded, a
+    /// fresh checkpoint is written, and an interrupted revert is finished.
+    pub fn open(origin: Arc<dyn BlockDevice>, diff: Arc<dyn BlockDevice>) -> Result<Self> {
+        let sb = Journal::read_superblock(&*diff)?;
+        if origin.len() != sb.origin_len {
+            return Err(Error::OriginMismatch {
+                diff: diff.name(),
+                origin: origin.name(),
+                expected: sb.origin_len,
+                found: origin.len(),
+                expected_id: Uuid::from_bytes(sb.uuid),
+                detail: " (wrong origin, or it was resized)".into(),
+            });
+        }
+        let geo = Geometry::from_superblock(&sb);
+        let journal = Journal::open(diff.clone(), sb.clone());
+        let replay = journal.replay()?;
+        let mut rp = Replayer {
+            state: State {
+                snapshots: BTreeMap::new(),
+                index: VersionIndex::default(),
+                slots: SlotAllocator::new(0),
+                max_slots: 0,
+                policy: FullPolicy::default(),
+                next_seq: 1,
+                revert: None,
+                journal,
+                chunk: geo.chunk,
+            },
+            used: AtomicBitmap::new(geo.slots as u64),
+            chunks: geo.chunks,
+            slots: geo.slots,
+            name: diff.name(),
+            checkpoint_seen: false,
+        };
+        let count = replay.records.len();
+        for (n, rec) in replay.records.into_iter().enumerate() {
+            rp.apply(n, rec)?;
+        }
+        if !rp.checkpoint_seen {
+            return Err(rp.corrupt(count, "the journal's checkpoint is incomplete"));
+        }
+        let mut state = rp.state;
+        let dropped: Vec<u64> = state
+            .snapshots
+            .values()
+            .filter(|s| !s.persistent)
+            .map(|s| s.seq)
+            .collect();
+        for seq in &dropped {
+            state.forget(*seq);
+        }
+        if state
+            .revert
+            .is_some_and(|r| !state.snapshots.contains_key(&r.seq))
+        {
+            return Err(Error::Corrupt {
+                device: diff.name(),
+                offset: 0,
+                reason: "an interrupted revert names a snapshot that no longer exists".into(),
+            });
+        }
+        state.slots = SlotAllocator::from_used(geo.slots, state.index.iter().map(|v| v.slot));
+        let records = state.checkpoint_records();
+        state.journal.checkpoint(records)?;
+        info!(
+            diff = %diff.name(),
+            records = count,
+            end = ?replay.end,
+            discarded_non_persistent = dropped.len(),
+            "recovered diff area"
+        );
+        let revert = state.revert;
+        let vol = Self::assemble(origin, diff, &sb, state)?;
+        if let Some(r) = revert {
+            info!(
+                seq = r.seq,
+                from_chunk = r.next_chunk,
+                "resuming interrupted revert"
+            );
+            let closed = vol.inner.gate.close(Duration::MAX)?;
+            vol.inner.run_revert(&closed, r.seq, r.next_chunk as u64)?;
+        }
+        Ok(vol)
+    }
+
+    fn assemble(
+        origin: Arc<dyn BlockDevice>,
+        diff: Arc<dyn BlockDevice>,
+        sb: &Superblock,
+        state: State,
+    ) -> Result<Self> {
+        let geo = Geometry::from_superblock(sb);
+        let preserved = AtomicBitmap::new(geo.chunks);
+        let has_any = AtomicBitmap::new(geo.chunks);
+        for v in state.index.iter() {
+            has_any.set(v.chunk as u64);
+        }
+        let newest = state.newest().unwrap_or(0);
+        for c in state.index.chunks_of(newest) {
+            preserved.set(c as u64);
+        }
+        let commit = GroupCommit::new(diff.clone()).map_err(|e| {
+            Error::Block(volshadow_block::Error::Layer {
+                device: diff.name(),
+                kind: e.kind(),
+                source: Box::new(e),
+            })
+        })?;
+        Ok(Volume {
+            inner: Arc::new(Inner {
+                origin,
+                diff,
+                geo,
+                gate: Gate::default(),
+                state: RwLock::new(state),
+                preserved,
+                has_any,
+                newest: AtomicU64::new(newest),
+                stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+                commit,
+                failed: AtomicBool::new(false),
+                max_snapshots: AtomicU64::new(DEFAULT_MAX_SNAPSHOTS as u64),
+            }),
+        })
+    }
+
+    /// The volume's id (recorded in the diff area).
+    pub fn id(&self) -> Uuid {
+        self.inner.geo.uuid
+    }
+
+    pub fn chunk_size(&self) -> u32 {
+        self.inner.geo.chunk as u32
+    }
+
+    /// Sets the most snapshots this volume keeps (VSS: 512).
+    pub fn set_snapshot_limit(&self, limit: usize) {
+        self.inner
+            .max_snapshots
+            .store(limit as u64, Ordering::Relaxed);
+    }
+
+    /// Takes a snapshot: every write that completed before this call is in
+    /// it, no write that starts after it returns is.
+    pub fn create_snapshot(&self, options: SnapshotOptions) -> Result<SnapshotInfo> {
+        let closed = self.inner.gate.close(DEFAULT_HOLD)?;
+        self.inner.create_held(&closed, &options)
+    }
+
+    /// Live snapshots, oldest first.
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.inner
+            .state_read()
+            .snapshots
+            .values()
+            .map(SnapshotInfo::from_record)
+            .collect()
+    }
+
+    /// A read-only device showing snapshot `id`.
+    pub fn snapshot(&self, id: Uuid) -> Result<SnapshotView> {
+        let seq = self.inner.state_read().find(id)?;
+        Ok(SnapshotView::new(self.inner.clone(), id, seq))
+    }
+
+    /// Deletes snapshot `id`, freeing exactly the versions no other live
+    /// snapshot reads.
+    pub fn delete_snapshot(&self, id: Uuid) -> Result<()> {
+        let closed = self.inner.gate.close(DEFAULT_HOLD)?;
+        let seq = self.inner.state_read().find(id)?;
+        self.inner.delete_held(&closed, seq)
+    }
+
+    /// Deletes the oldest snapshot; returns it, or `None` if there is none.
+    pub fn delete_oldest(&self) -> Result<Option<SnapshotInfo>> {
+        let closed = self.inner.gate.close(DEFAULT_HOLD)?;
+        let oldest = self
+            .inner
+            .state_read()
+            .snapshots
+            .values()
+            .next()
+            .map(SnapshotInfo::from_record);
+        if let Some(s) = &oldest {
+            self.inner.delete_held(&closed, s.seq)?;
+        }
+        Ok(oldest)
+    }
+
+    /// Diff-area usage.
+    pub fn usage(&self) -> Usage {
+        let st = self.inner.state_read();
+        let chunk = self.inner.geo.chunk;
+        Usage {
+            used_bytes: st.slots.used() * chunk,
+            max_bytes: st.max_slots * chunk,
+            capacity_bytes: st.slots.total() as u64 * chunk,
+            chunk_size: chunk as u32,
+            preserved_chunks: st.index.len(),
+            snapshots: st.snapshots.len(),
+            policy: st.policy,
+        }
+    }
+
+    /// Changes the limit (and optionally the policy). Shrinking below what
+    /// is used deletes the oldest snapshots under `DeleteOldest`, and fails
+    /// under the other policies.
+    pub fn resize(&self, max_bytes: u64, policy: Option<FullPolicy>) -> Result<Usage> {
+        let closed = self.inner.gate.close(DEFAULT_HOLD)?;
+        {
+            let inner = &self.inner;
+            let chunk = inner.geo.chunk;
+            let capacity = inner.geo.slots as u64 * chunk;
+            if max_bytes > capacity || max_bytes < chunk {
+                return Err(Error::InvalidOptions(format!(
+                    "maximum {max_bytes} must lie between one chunk ({chunk}) and the capacity ({capacity})"
+                )));
+            }
+            let mut st = inner.state_write();
+            let policy = policy.unwrap_or(st.policy);
+            if let FullPolicy::Grow { max } = policy
+                && (max > capacity || max < max_bytes)
+            {
+                return Err(Error::InvalidOptions(format!(
+                    "grow limit {max} must lie between the maximum {max_bytes} and the capacity {capacity}"
+                )));
+            }
+            let max_slots = max_bytes / chunk;
+            while st.slots.used() > max_slots {
+                let Some(oldest) = st.snapshots.keys().next().copied() else {
+                    break;
+                };
+                if st.policy != FullPolicy::DeleteOldest {
+                    return Err(Error::InvalidOptions(format!(
+                        "{} bytes are in use, more than {max_bytes}; delete snapshots first",
+                        st.slots.used() * chunk
+                    )));
+                }
+                warn!(
+                    seq = oldest,
+                    "shrinking shadow storage deletes the oldest snapshot"
+                );
+                inner.delete_in_state(&mut st, oldest, Some(&closed))?;
+            }
+            st.log(Record::Limits {
+                max_bytes: max_slots * chunk,
+                policy,
+            })
+            .map_err(|e| inner.fail(e))?;
+            inner.diff.flush().map_err(|e| inner.fail(e.into()))?;
+            st.max_slots = max_slots;
+            st.policy = policy;
+        }
+        drop(closed);
+        Ok(self.usage())
+    }
+
+    /// Chunks changed between snapshot `from` and `to` (a later snapshot or
+    /// the live volume), as merged byte extents. Exact at chunk granularity,
+    /// also after deleting snapshots in between and after recovery.
+    pub fn changed_extents(&self, from: Uuid, to: Target) -> Result<Vec<Extent>> {
+        let st = self.inner.state_read();
+        let a = st.find(from)?;
+        let b = match to {
+            Target::Live => u64::MAX,
+            Target::Snapshot(id) => st.find(id)?,
+        };
+        if b < a {
+            return Err(Error::InvalidOptions(format!(
+                "snapshot {from} is newer than the target; give the older one first"
+            )));
+        }
+        let chunks = st.index.chunks_tagged(a, b);
+        drop(st);
+        Ok(self.inner.merge_extents(chunks.into_iter().map(u64::from)))
+    }
+
+    /// Extents of snapshot `id` that may hold data: everything except
+    /// ranges known to read as zeros (ranges the origin reports as holes and
+    /// the snapshot reads from the origin).
+    pub fn allocated_extents(&self, id: Uuid) -> Result<Vec<Extent>> {
+        let seq = self.inner.state_read().find(id)?;
+        let inner = &self.inner;
+        let mut chunks = Vec::new();
+        let mut buf = vec![0u8; inner.geo.chunk as usize];
+        for c in 0..inner.geo.chunks {
+            let (_, len) = inner.geo.chunk_range(c);
+            inner.read_snapshot_chunk(id, seq, c, &mut buf[..len])?;
+            if buf[..len].iter().any(|&b| b != 0) {
+                chunks.push(c);
+            }
+        }
+        Ok(inner.merge_extents(chunks.into_iter()))
+    }
+
+    /// Rolls the origin back to snapshot `id` (persistent snapshots only,
+    /// as VSS). Newer snapshots stay valid: the revert writes through the
+    /// normal copy-on-write path. Journaled; a crash mid-way resumes at open.
+    pub fn revert(&self, id: Uuid) -> Result<()> {
+        let closed = self.inner.gate.close(DEFAULT_HOLD)?;
+        let inner = &self.inner;
+        let seq = {
+            let mut st = inner.state_write();
+            let seq = st.find(id)?;
+            if !st.snapshots[&seq].persistent {
+                return Err(Error::InvalidOptions(format!(
+                    "snapshot {id} is not persistent; only persistent snapshots can be reverted to"
+                )));
+            }
+            st.log(Record::RevertBegin { seq })
+                .map_err(|e| inner.fail(e))?;
+            st.revert = Some(RevertState { seq, next_chunk: 0 });
+            seq
+        };
+        inner.diff.flush().map_err(|e| inner.fail(e.into()))?;
+        inner.run_revert(&closed, seq, 0)
+    }
+
+    /// Rereads every preserved chunk and checks it against its hash.
+    pub fn verify(&self) -> Result<VerifyReport> {
+        self.verify_with_progress(|_, _| {})
+    }
+
+    /// `verify`, calling `progress(done, total)` as it goes.
+    pub fn verify_with_progress(&self, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport> {
+        let inner = &self.inner;
+        let versions: Vec<VersionRecord> = inner.state_read().index.iter().collect();
+        let total = versions.len() as u64;
+        let mut mismatches = Vec::new();
+        let mut buf = vec![0u8; inner.geo.chunk as usize];
+        let mut checked = 0;
+        for (i, v) in versions.into_iter().enumerate() {
+            let _stripe = inner.stripe(v.chunk as u64);
+            let st = inner.state_read();
+            // Skip versions freed since the list was taken.
+            if st.index.lookup(v.chunk, v.tag) != Some((v.tag, v.slot)) {
+                continue;
+            }
+            let (offset, len) = inner.geo.chunk_range(v.chunk as u64);
+            inner
+                .diff
+                .read_at(&mut buf[..len], inner.geo.slot_offset(v.slot))?;
+            let mut want = [0u8; HASH_LEN as usize];
+            inner
+                .diff
+                .read_at(&mut want, inner.geo.hash_offset(v.slot))?;
+            checked += 1;
+            if *blake3::hash(&buf[..len]).as_bytes() != want {
+                let low = st.index.prev_tag(v.chunk, v.tag).unwrap_or(0);
+                let snapshots = st
+                    .snapshots
+                    .range(low + 1..=v.tag)
+                    .map(|(_, s)| Uuid::from_bytes(s.id))
+                    .collect();
+                warn!(
+                    chunk = v.chunk,
+                    slot = v.slot,
+                    "preserved chunk fails its hash"
+                );
+                mismatches.push(Mismatch {
+                    chunk: v.chunk as u64,
+                    offset,
+                    slot: v.slot,
+                    snapshots,
+                });
+            }
+            progress(i as u64 + 1, total);
+        }
+        Ok(VerifyReport {
+            checked,
+            mismatches,
+        })
+    }
+
+    /// Diff-area flushes issued by group commit (one may cover many writes).
+    pub fn group_commit_flushes(&self) -> u64 {
+        self.inner.commit.flush_count()
+    }
+
+    /// Heap bytes of the in-memory metadata: the version index plus the two
+    /// per-chunk bitmaps.
+    pub fn metadata_bytes(&self) -> usize {
+        self.inner.state_read().index.heap_bytes()
+            + self.inner.preserved.heap_bytes()
+            + self.inner.has_any.heap_bytes()
+    }
+
+    /// True after an I/O failure that needs a reopen.
+    pub fn needs_recovery(&self) -> bool {
+        self.inner.failed.load(Ordering::Acquire)
+    }
+
+    /// Holds new writes and drains in-flight ones (bounded by `timeout`);
+    /// used by snapshot sets.
+    pub(crate) fn hold(&self, timeout: Duration) -> Result<Closed<'_>> {
+        self.inner.gate.close(timeout)
+    }
+}
+
+impl Inner {
+    pub(crate) fn state_read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn state_write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn stripe(&self, chunk: u64) -> MutexGuard<'_, ()> {
+        self.stripes[chunk as usize % STRIPES]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Marks the volume as needing recovery and passes the error on.
+    fn fail(&self, e: Error) -> Error {
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            warn!(error = %e, "diff-area update failed; the volume refuses writes until reopened");
+        }
+        e
+    }
+
+    fn check_ok(&self) -> Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            Err(Error::NeedsRecovery)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn merge_extents(&self, chunks: impl Iterator<Item = u64>) -> Vec<Extent> {
+        let mut out: Vec<Extent> = Vec::new();
+        for c in chunks {
+            let (offset, len) = self.geo.chunk_range(c);
+            match out.last_mut() {
+                Some(e) if e.offset + e.len == offset => e.len += len as u64,
+                _ => out.push(Extent {
+                    offset,
+                    len: len as u64,
+                }),
+            }
+        }
+        out
+    }
+
+    /// Creates a snapshot; the gate is held closed by the caller.
+    pub(crate) fn create_held(
+        &self,
+        _closed: &Closed<'_>,
+        options: &SnapshotOptions,
+    ) -> Result<SnapshotInfo> {
+        self.check_ok()?;
+        // A persistent snapshot's contents include writes still in the
+        // origin's cache; make them durable before it counts.
+        if options.persistent {
+            self.origin.flush()?;
+        }
+        let mut st = self.state_write();
+        let limit = self.max_snapshots.load(Ordering::Relaxed) as usize;
+        if st.snapshots.len() >= limit {
+            return Err(Error::TooManySnapshots(limit));
+        }
+        let mut attrs = options.attributes & !attributes::PERSISTENT;
+        if options.persistent {
+            attrs |= attributes::PERSISTENT | attributes::NO_AUTO_RELEASE;
+        }
+        let rec = SnapshotRecord {
+            seq: st.next_seq,
+            id: *Uuid::new_v4().as_bytes(),
+            set_id: options.set_id.map(|u| *u.as_bytes()),
+            created_ns: now_ns(),
+            attributes: attrs,
+            persistent: options.persistent,
+        };
+        st.log(Record::SnapshotCreate(rec.clone()))
+            .map_err(|e| self.fail(e))?;
+        if options.persistent {
+            self.diff.flush().map_err(|e| self.fail(e.into()))?;
+        }
+        st.next_seq += 1;
+        st.snapshots.insert(rec.seq, rec.clone());
+        // No writer is inside the gate, so nobody sets bits meanwhile.
+        self.preserved.clear_all();
+        self.newest.store(rec.seq, Ordering::Release);
+        info!(
+            seq = rec.seq,
+            persistent = rec.persistent,
+            "snapshot created"
+        );
+        Ok(SnapshotInfo::from_record(&rec))
+    }
+
+    /// Deletes a snapshot with the gate held closed.
+    pub(crate) fn delete_held(&self, closed: &Closed<'_>, seq: u64) -> Result<()> {
+        self.check_ok()?;
+        let mut st = self.state_write();
+        self.delete_in_state(&mut st, seq, Some(closed))
+    }
+
+    /// Journals the delete, makes it durable, then releases and discards the
+    /// freed slots: a slot is never reused while a crash could bring back
+    /// the snapshot that read it. Rebuilding the "preserved since newest"
+    /// bitmap needs the gate closed (`closed`); without it (a writer's
+    /// delete-oldest) the deleted snapshot is never the newest unless it is
+    /// the only one, and then no bitmap is needed.
+    fn delete_in_state(&self, st: &mut State, seq: u64, closed: Option<&Closed<'_>>) -> Result<()> {
+        let was_newest = st.newest() == Some(seq);
+        st.log(Record::SnapshotDelete { seq })
+            .map_err(|e| self.fail(e))?;
+        let freed = st.forget(seq);
+        self.diff.flush().map_err(|e| self.fail(e.into()))?;
+        self.discard_slots(&freed);
+        for s in &freed {
+            st.slots.release(*s);
+        }
+        let newest = st.newest();
+        self.newest.store(newest.unwrap_or(0), Ordering::Release);
+        if was_newest && let Some(n) = newest {
+            debug_assert!(closed.is_some(), "bitmap rebuilt with writers inside");
+            self.preserved.clear_all();
+            for c in st.index.chunks_of(n) {
+                self.preserved.set(c as u64);
+            }
+        }
+        info!(seq, freed = freed.len(), "snapshot deleted");
+        Ok(())
+    }
+
+    /// Punches freed slots, merged into runs. Best effort: a device that
+    /// cannot discard keeps the old bytes, which nothing references.
+    fn discard_slots(&self, freed: &[u32]) {
+        let mut sorted = freed.to_vec();
+        sorted.sort_unstable();
+        let mut i = 0;
+        while i < sorted.len() {
+            let mut j = i + 1;
+            while j < sorted.len() && sorted[j] == sorted[j - 1] + 1 {
+                j += 1;
+            }
+            let off = self.geo.slot_offset(sorted[i]);
+            let len = (j - i) as u64 * self.geo.chunk;
+            if let Err(e) = self.diff.discard(off, len) {
+                warn!(error = %e, "could not discard freed diff-area slots");
+            }
+            i = j;
+        }
+    }
+
+    /// Finds a free slot under the full policy. `None`: no snapshot needs
+    /// the chunk any more (the last one was deleted to make room).
+    fn alloc_slot(&self, st: &mut State) -> Result<Option<u32>> {
+        loop {
+            if st.newest().is_none() {
+                return Ok(None);
+            }
+            if st.slots.used() < st.max_slots
+                && let Some(s) = st.slots.alloc()
+            {
+                return Ok(Some(s));
+            }
+            let chunk = self.geo.chunk;
+            match st.policy {
+                FullPolicy::DeleteOldest => {
+                    let Some(oldest) = st.snapshots.values().next() else {
+                        return Ok(None);
+                    };
+                    let (seq, id) = (oldest.seq, Uuid::from_bytes(oldest.id));
+                    warn!(%id, seq, "diff area full: deleting the oldest snapshot");
+                    self.delete_in_state(st, seq, None)?;
+                }
+                FullPolicy::FailWrites => {
+                    return Err(Error::DiffAreaFull {
+                        used: st.slots.used() * chunk,
+                        max: st.max_slots * chunk,
+                    });
+                }
+                FullPolicy::Grow { max } => {
+                    let cap = (max / chunk).min(st.slots.total() as u64);
+                    if st.max_slots >= cap {
+                        return Err(Error::DiffAreaFull {
+                            used: st.slots.used() * chunk,
+                            max: st.max_slots * chunk,
+                        });
+                    }
+                    let grown = (st.max_slots + (st.max_slots / 4).max(16)).min(cap);
+                    info!(
+                        from = st.max_slots * chunk,
+                        to = grown * chunk,
+                        "growing diff area"
+                    );
+                    let policy = st.policy;
+                    st.log(Record::Limits {
+                        max_bytes: grown * chunk,
+                        policy,
+                    })
+                    .map_err(|e| self.fail(e))?;
+                    st.max_slots = grown;
+                }
+            }
+        }
+    }
+
+    /// Copies chunk `c`'s current contents to the diff area and records it.
+    /// Returns whether the copy must be made durable before the origin is
+    /// overwritten (some persistent snapshot may read it).
+    fn preserve(&self, c: u64) -> Result<bool> {
+        let (off, len) = self.geo.chunk_range(c);
+        let mut buf = vec![0u8; self.geo.chunk as usize];
+        self.origin.read_at(&mut buf[..len], off)?;
+        let hash = blake3::hash(&buf[..len]);
+        let Some(slot) = self.alloc_slot(&mut self.state_write())? else {
+            return Ok(false);
+        };
+        let written = self
+            .diff
+            .write_at(&buf, self.geo.slot_offset(slot))
+            .and_then(|()| {
+                self.diff
+                    .write_at(hash.as_bytes(), self.geo.hash_offset(slot))
+            });
+        let mut st = self.state_write();
+        if let Err(e) = written {
+            st.slots.release(slot);
+            return Err(e.into());
+        }
+        let Some(tag) = st.newest() else {
+            st.slots.release(slot);
+            return Ok(false);
+        };
+        st.log(Record::Preserve(VersionRecord {
+            chunk: c as u32,
+            tag,
+            slot,
+        }))
+        .map_err(|e| self.fail(e))?;
+        st.index.insert(c as u32, tag, slot);
+        self.has_any.set(c);
+        Ok(st.any_persistent())
+    }
+
+    fn write_origin(&self, payload: Payload<'_>, offset: u64) -> Result<()> {
+        match payload {
+            Payload::Data(d) => self.origin.write_at(d, offset)?,
+            Payload::Discard(n) => self.origin.discard(offset, n)?,
+        }
+        Ok(())
+    }
+
+    /// The write path. The caller is inside the gate (or holds it closed).
+    fn write_locked(&self, payload: Payload<'_>, offset: u64) -> Result<()> {
+        self.check_ok()?;
+        let len = payload.len();
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset >> self.geo.shift;
+        let last = (offset + len - 1) >> self.geo.shift;
+        if self.newest.load(Ordering::Acquire) == 0 {
+            return self.write_origin(payload, offset);
+        }
+        let need: Vec<u64> = (first..=last).filter(|&c| !self.preserved.get(c)).collect();
+        if need.is_empty() {
+            return self.write_origin(payload, offset);
+        }
+        let mut stripes: Vec<usize> = need.iter().map(|&c| c as usize % STRIPES).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let _guards: Vec<MutexGuard<'_, ()>> = stripes
+            .iter()
+            .map(|&i| {
+                self.stripes[i]
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+            })
+            .collect();
+        let mut fresh = Vec::with_capacity(need.len());
+        let mut durable = false;
+        for &c in &need {
+            if !self.preserved.get(c) {
+                durable |= self.preserve(c)?;
+                fresh.push(c);
+            }
+        }
+        if durable {
+            self.commit.flush().map_err(|e| self.fail(e.into()))?;
+        }
+        // Only now may other writers skip these chunks: their copies are
+        // durable where they must be.
+        for c in fresh {
+            self.preserved.set(c);
+        }
+        self.write_origin(payload, offset)
+    }
+
+    /// Reads chunk `c` as snapshot `seq` sees it (`buf` = the chunk's bytes).
+    pub(crate) fn read_snapshot_chunk(
+        &self,
+        id: Uuid,
+        seq: u64,
+        c: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        self.read_snapshot_piece(id, seq, c, 0, buf)
+    }
+
+    /// Reads `buf.len()` bytes at `in_chunk` within chunk `c` of snapshot
+    /// `seq`. The stripe lock keeps a writer from preserving and
+    /// overwriting the chunk between the lookup and the read.
+    pub(crate) fn read_snapshot_piece(
+        &self,
+        id: Uuid,
+        seq: u64,
+        c: u64,
+        in_chunk: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let _stripe = self.stripe(c);
+        let slot = {
+            let st = self.state_read();
+            if !st.snapshots.contains_key(&seq) {
+                return Err(Error::SnapshotNotFound(id));
+            }
+            if self.has_any.get(c) {
+                st.index.lookup(c as u32, seq).map(|(_, s)| s)
+            } else {
+                None
+            }
+        };
+        match slot {
+            Some(s) => self.diff.read_at(buf, self.geo.slot_offset(s) + in_chunk)?,
+            None => self.origin.read_at(buf, (c << self.geo.shift) + in_chunk)?,
+        }
+        Ok(())
+    }
+
+    /// Writes snapshot `seq`'s contents over the origin from chunk `start`.
+    fn run_revert(&self, _closed: &Closed<'_>, seq: u64, start: u64) -> Result<()> {
+        let id = {
+            let st = self.state_read();
+            Uuid::from_bytes(st.snapshots.get(&seq).map(|s| s.id).ok_or(Error::Corrupt {
+                device: self.diff.name(),
+                offset: 0,
+                reason: format!("revert target {seq} is gone"),
+            })?)
+        };
+        let mut buf = vec![0u8; self.geo.chunk as usize];
+        for c in start..self.geo.chunks {
+            if self.has_any.get(c) {
+                let (off, len) = self.geo.chunk_range(c);
+                let differs = self.state_read().index.lookup(c as u32, seq).is_some();
+                if differs {
+                    self.read_snapshot_chunk(id, seq, c, &mut buf[..len])?;
+                    self.write_locked(Payload::Data(&buf[..len]), off)?;
+                }
+            }
+            if (c + 1) % REVERT_STEP == 0 && c + 1 < self.geo.chunks {
+                // Progress may only claim chunks whose writes are durable.
+                self.origin.flush()?;
+                let mut st = self.state_write();
+                let next_chunk = (c + 1) as u32;
+                st.log(Record::RevertProgress { next_chunk })
+                    .map_err(|e| self.fail(e))?;
+                st.revert = Some(RevertState { seq, next_chunk });
+            }
+        }
+        self.origin.flush()?;
+        let mut st = self.state_write();
+        st.log(Record::RevertEnd).map_err(|e| self.fail(e))?;
+        st.revert = None;
+        drop(st);
+        self.diff.flush().map_err(|e| self.fail(e.into()))?;
+        info!(seq, "revert finished");
+        Ok(())
+    }
+}
+
+impl BlockDevice for Volume {
+    fn len(&self) -> u64 {
+        self.inner.geo.origin_len
+    }
+
+    fn block_size(&self) -> u32 {
+        self.inner.origin.block_size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> volshadow_block::Result<()> {
+        check_range(self, Op::Read, offset, buf.len() as u64)?;
+        self.inner.origin.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> volshadow_block::Result<()> {
+        check_range(self, Op::Write, offset, buf.len() as u64)?;
+        let _pass = self.inner.gate.enter();
+        self.inner
+            .write_locked(Payload::Data(buf), offset)
+            .map_err(|e| e.into_block(self.name()))
+    }
+
+    fn flush(&self) -> volshadow_block::Result<()> {
+        self.inner.diff.flush()?;
+        self.inner.origin.flush()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> volshadow_block::Result<()> {
+        check_range(self, Op::Discard, offset, len)?;
+        let _pass = self.inner.gate.enter();
+        self.inner
+            .write_locked(Payload::Discard(len), offset)
+            .map_err(|e| e.into_block(self.name()))
+    }
+
+    fn name(&self) -> String {
+        format!("volume {}", self.inner.origin.name())
+    }
+}

@@ -1,0 +1,580 @@
+//! Scenario tests of the engine, each compared byte for byte with what the
+//! volume must show.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::*;
+use volshadow_block::{BlockDevice, MemDevice, conformance};
+use volshadow_cow::{
+    Error, Extent, FullPolicy, SnapshotOptions, SnapshotSet, Target, Volume, VolumeOptions,
+};
+
+#[test]
+fn snapshot_keeps_old_bytes_and_survives_reopen() {
+    let mut r = Rig::small();
+    fill(&r.vol, 0, 1 << 20, 0x11);
+    let s1 = r.vol.create_snapshot(persistent()).unwrap();
+    let before = all(&r.vol);
+    // Unaligned overwrite across chunk boundaries.
+    fill(&r.vol, 4000, 10_000, 0x22);
+    let snap = r.vol.snapshot(s1.id).unwrap();
+    assert_eq!(all(&snap), before);
+    let live = all(&r.vol);
+    assert!(live[4000..14_000].iter().all(|&b| b == 0x22));
+    assert_eq!(live[3999], 0x11);
+    r.vol.flush().unwrap();
+    r.reopen();
+    assert_eq!(all(&r.vol.snapshot(s1.id).unwrap()), before);
+    assert_eq!(all(&r.vol), live);
+    assert_eq!(r.vol.snapshots(), vec![s1]);
+}
+
+#[test]
+fn non_persistent_snapshots_are_dropped_at_recovery() {
+    let mut r = Rig::small();
+    let p = r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 0, 8192, 1);
+    let np = r.vol.create_snapshot(SnapshotOptions::default()).unwrap();
+    assert!(!np.persistent);
+    fill(&r.vol, 0, 16384, 2);
+    let p_view = all(&r.vol.snapshot(p.id).unwrap());
+    assert!(p_view[..16384].iter().all(|&b| b == 0));
+    r.vol.flush().unwrap();
+    r.reopen();
+    let ids: Vec<_> = r.vol.snapshots().into_iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec![p.id]);
+    // The persistent one still reads its bytes, including chunks whose
+    // copies were tagged for the dropped snapshot.
+    assert_eq!(all(&r.vol.snapshot(p.id).unwrap()), p_view);
+    assert!(matches!(
+        r.vol.snapshot(np.id),
+        Err(Error::SnapshotNotFound(_))
+    ));
+}
+
+#[test]
+fn one_copy_per_chunk_however_many_snapshots() {
+    let r = Rig::small();
+    for _ in 0..64 {
+        r.vol.create_snapshot(SnapshotOptions::default()).unwrap();
+    }
+    fill(&r.vol, 0, 3 * CHUNK as usize, 9);
+    assert_eq!(r.vol.usage().preserved_chunks, 3);
+    // Overwriting again in the same interval copies nothing.
+    fill(&r.vol, 100, 5000, 8);
+    assert_eq!(r.vol.usage().preserved_chunks, 3);
+    for s in r.vol.snapshots() {
+        assert!(all(&r.vol.snapshot(s.id).unwrap()).iter().all(|&b| b == 0));
+    }
+}
+
+#[test]
+fn delete_frees_exactly_what_no_snapshot_needs() {
+    let r = Rig::small();
+    let a = r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 0, 2 * CHUNK as usize, 1); // chunks 0,1 tagged a
+    let b = r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 0, 3 * CHUNK as usize, 2); // chunks 0,1,2 tagged b
+    let c = r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 2 * CHUNK as u64, CHUNK as usize, 3); // chunk 2 tagged c
+    let views = |v: &Volume| -> Vec<Vec<u8>> {
+        v.snapshots()
+            .iter()
+            .map(|s| all(&v.snapshot(s.id).unwrap()))
+            .collect()
+    };
+    let before = views(&r.vol);
+    assert_eq!(r.vol.usage().preserved_chunks, 6);
+    // Deleting b: its copies of chunks 0 and 1 are not needed (a has its
+    // own); its copy of chunk 2 still serves a and moves to it.
+    r.vol.delete_snapshot(b.id).unwrap();
+    assert_eq!(r.vol.usage().preserved_chunks, 4);
+    assert_eq!(views(&r.vol), vec![before[0].clone(), before[2].clone()]);
+    // Freed slots are reused: new copies do not grow the used bytes.
+    let used = r.vol.usage().used_bytes;
+    let d = r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 10 * CHUNK as u64, 2 * CHUNK as usize, 4);
+    assert_eq!(r.vol.usage().used_bytes, used + 2 * CHUNK as u64);
+    r.vol.delete_snapshot(a.id).unwrap();
+    r.vol.delete_snapshot(c.id).unwrap();
+    r.vol.delete_snapshot(d.id).unwrap();
+    assert_eq!(r.vol.usage().used_bytes, 0);
+    assert_eq!(r.vol.usage().preserved_chunks, 0);
+}
+
+#[test]
+fn changed_extents_are_exact_across_deletes_and_recovery() {
+    let mut r = Rig::small();
+    let c = CHUNK as u64;
+    let a = r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 5 * c + 10, 10, 1); // chunk 5
+    let b = r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 6 * c, 2 * c as usize, 1); // chunks 6, 7
+    let m = r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 20 * c, 1, 1); // chunk 20
+    let d = r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 30 * c, 1, 1); // chunk 30 (after d: live only)
+    let ext = |off: u64, len: u64| Extent {
+        offset: off * c,
+        len: len * c,
+    };
+    let check = |v: &Volume| {
+        assert_eq!(
+            v.changed_extents(a.id, Target::Snapshot(d.id)).unwrap(),
+            vec![ext(5, 3), ext(20, 1)]
+        );
+        assert_eq!(
+            v.changed_extents(b.id, Target::Snapshot(d.id)).unwrap(),
+            vec![ext(6, 2), ext(20, 1)]
+        );
+        assert_eq!(
+            v.changed_extents(a.id, Target::Live).unwrap(),
+            vec![ext(5, 3), ext(20, 1), ext(30, 1)]
+        );
+        assert_eq!(
+            v.changed_extents(d.id, Target::Live).unwrap(),
+            vec![ext(30, 1)]
+        );
+    };
+    check(&r.vol);
+    r.vol.delete_snapshot(m.id).unwrap();
+    check(&r.vol);
+    r.vol.flush().unwrap();
+    r.reopen();
+    check(&r.vol);
+    assert!(r.vol.changed_extents(d.id, Target::Snapshot(a.id)).is_err());
+}
+
+#[test]
+fn revert_rolls_back_and_keeps_newer_snapshots() {
+    let mut r = Rig::small();
+    fill(&r.vol, 0, 1 << 20, 0xaa);
+    let s1 = r.vol.create_snapshot(persistent()).unwrap();
+    let v1 = all(&r.vol);
+    fill(&r.vol, 12_345, 100_000, 0xbb);
+    let s2 = r.vol.create_snapshot(persistent()).unwrap();
+    let v2 = all(&r.vol);
+    fill(&r.vol, 500_000, 9_000, 0xcc);
+    r.vol.revert(s1.id).unwrap();
+    assert_eq!(all(&r.vol), v1);
+    assert_eq!(all(&r.vol.snapshot(s1.id).unwrap()), v1);
+    assert_eq!(all(&r.vol.snapshot(s2.id).unwrap()), v2);
+    r.vol.revert(s2.id).unwrap();
+    assert_eq!(all(&r.vol), v2);
+    r.reopen();
+    assert_eq!(all(&r.vol), v2);
+    assert_eq!(all(&r.vol.snapshot(s1.id).unwrap()), v1);
+    let np = r.vol.create_snapshot(SnapshotOptions::default()).unwrap();
+    assert!(matches!(r.vol.revert(np.id), Err(Error::InvalidOptions(_))));
+}
+
+fn tiny(policy: FullPolicy, max_chunks: u64) -> Rig {
+    Rig::new(
+        1 << 20,
+        4 << 20,
+        VolumeOptions {
+            chunk_size: CHUNK,
+            max_bytes: Some(max_chunks * CHUNK as u64),
+            policy,
+            overwrite: false,
+        },
+    )
+}
+
+#[test]
+fn full_delete_oldest_drops_the_oldest_and_goes_on() {
+    let r = tiny(FullPolicy::DeleteOldest, 4);
+    let s1 = r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 0, 3 * CHUNK as usize, 1);
+    let s2 = r.vol.create_snapshot(persistent()).unwrap();
+    let v2 = all(&r.vol);
+    // Needs 3 more slots; only 1 left: s1 goes, s2 stays whole.
+    fill(&r.vol, 0, 3 * CHUNK as usize, 2);
+    let ids: Vec<_> = r.vol.snapshots().into_iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec![s2.id]);
+    assert!(matches!(
+        r.vol.snapshot(s1.id),
+        Err(Error::SnapshotNotFound(_))
+    ));
+    assert_eq!(all(&r.vol.snapshot(s2.id).unwrap()), v2);
+    assert!(r.vol.usage().used_bytes <= 4 * CHUNK as u64);
+    // When even the last snapshot cannot fit, it goes too and writes go on.
+    fill(&r.vol, 100 * CHUNK as u64, 8 * CHUNK as usize, 3);
+    assert!(r.vol.snapshots().is_empty());
+    assert!(
+        read(&r.vol, 100 * CHUNK as u64, 8 * CHUNK as usize)
+            .iter()
+            .all(|&b| b == 3)
+    );
+}
+
+#[test]
+fn full_fail_writes_refuses_and_changes_nothing() {
+    let r = tiny(FullPolicy::FailWrites, 2);
+    let s = r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 0, 2 * CHUNK as usize, 1);
+    let live = all(&r.vol);
+    let err = r.vol.write_at(&[7u8; 100], 5 * CHUNK as u64).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::StorageFull, "{err}");
+    assert!(err.to_string().contains("full"), "{err}");
+    assert_eq!(all(&r.vol), live);
+    assert!(all(&r.vol.snapshot(s.id).unwrap()).iter().all(|&b| b == 0));
+    // Writes to already-preserved chunks still work.
+    fill(&r.vol, 0, 100, 5);
+    // Raising the limit lets writes through again.
+    r.vol.resize(8 * CHUNK as u64, None).unwrap();
+    fill(&r.vol, 5 * CHUNK as u64, 100, 7);
+}
+
+#[test]
+fn full_grow_raises_the_limit_up_to_its_max() {
+    let r = tiny(
+        FullPolicy::Grow {
+            max: 40 * CHUNK as u64,
+        },
+        2,
+    );
+    r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 0, 30 * CHUNK as usize, 1);
+    let u = r.vol.usage();
+    assert_eq!(u.used_bytes, 30 * CHUNK as u64);
+    assert!(u.max_bytes >= u.used_bytes && u.max_bytes <= 40 * CHUNK as u64);
+    let err = r
+        .vol
+        .write_at(&vec![1u8; 20 * CHUNK as usize], 100 * CHUNK as u64);
+    assert!(err.is_err());
+    assert_eq!(r.vol.usage().max_bytes, 40 * CHUNK as u64);
+}
+
+#[test]
+fn resize_shrinks_by_deleting_oldest() {
+    let r = tiny(FullPolicy::DeleteOldest, 16);
+    r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 0, 6 * CHUNK as usize, 1);
+    let s2 = r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 0, 2 * CHUNK as usize, 2);
+    let u = r.vol.resize(4 * CHUNK as u64, None).unwrap();
+    assert_eq!(u.max_bytes, 4 * CHUNK as u64);
+    assert!(u.used_bytes <= u.max_bytes);
+    assert_eq!(
+        r.vol
+            .snapshots()
+            .into_iter()
+            .map(|s| s.id)
+            .collect::<Vec<_>>(),
+        vec![s2.id]
+    );
+    assert!(r.vol.resize(1 << 40, None).is_err());
+}
+
+#[test]
+fn wrong_origin_and_bad_diff_areas_are_clear_errors() {
+    let r = Rig::small();
+    drop(r.vol);
+    let other = Arc::new(MemDevice::new(2 << 20));
+    let err = Volume::open(other, r.diff.clone()).unwrap_err();
+    assert!(matches!(err, Error::OriginMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("resized"), "{err}");
+    // Creating over an existing diff area is refused unless asked.
+    let again = Volume::create(r.origin.clone(), r.diff.clone(), VolumeOptions::default());
+    assert!(matches!(again, Err(Error::InvalidOptions(_))));
+    // Blank device.
+    let blank = Arc::new(MemDevice::new(4 << 20));
+    let err = Volume::open(r.origin.clone(), blank).unwrap_err();
+    assert!(matches!(err, Error::NotADiffArea { .. }), "{err}");
+    // Both superblock copies damaged.
+    let diff = r.diff.to_vec();
+    let broken = Arc::new(MemDevice::new(4 << 20));
+    broken.write_at(&diff, 0).unwrap();
+    broken.write_at(&[0xff; 8], 16).unwrap();
+    broken.write_at(&[0xff; 8], 4096 + 16).unwrap();
+    let err = Volume::open(r.origin.clone(), broken.clone()).unwrap_err();
+    assert!(err.to_string().contains("checksum"), "{err}");
+    // One copy damaged: the other still opens.
+    broken.write_at(&diff[4096..8192], 4096).unwrap();
+    Volume::open(r.origin.clone(), broken).unwrap();
+}
+
+#[test]
+fn journal_damage_never_panics() {
+    let mut r = Rig::small();
+    let s = r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 0, 64 * CHUNK as usize, 3);
+    r.vol.flush().unwrap();
+    let _ = s;
+    let image = r.diff.to_vec();
+    // Flip every 97th byte of the journal region, one at a time: each open
+    // either succeeds (the damage cut a tail) or reports corruption.
+    let mut outcomes = (0, 0);
+    for at in (8192..8192 + 6000).step_by(97) {
+        let dev = Arc::new(MemDevice::new(image.len() as u64));
+        dev.write_at(&image, 0).unwrap();
+        let mut byte = [0u8];
+        dev.read_at(&mut byte, at).unwrap();
+        dev.write_at(&[byte[0] ^ 0x5a], at).unwrap();
+        match Volume::open(r.origin.clone(), dev) {
+            Ok(_) => outcomes.0 += 1,
+            Err(e) => {
+                assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+                outcomes.1 += 1;
+            }
+        }
+    }
+    assert!(outcomes.0 + outcomes.1 > 10);
+    r.diff.write_at(&image, 0).unwrap();
+    r.reopen();
+}
+
+#[test]
+fn verify_finds_a_damaged_copy_and_names_its_snapshots() {
+    let r = Rig::small();
+    let s1 = r.vol.create_snapshot(persistent()).unwrap();
+    let s2 = r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 0, 4 * CHUNK as usize, 1);
+    let report = r.vol.verify().unwrap();
+    assert_eq!(report.checked, 4);
+    assert!(report.mismatches.is_empty());
+    // Damage slot 0 (the first copy made) behind the engine's back.
+    let first_slot = find_data_offset(&r);
+    r.diff.write_at(&[0x42], first_slot + 17).unwrap();
+    let report = r.vol.verify().unwrap();
+    assert_eq!(report.mismatches.len(), 1, "{report:?}");
+    let m = &report.mismatches[0];
+    let mut ids = m.snapshots.clone();
+    ids.sort();
+    let mut want = vec![s1.id, s2.id];
+    want.sort();
+    assert_eq!(ids, want);
+}
+
+/// The data region starts at the superblock's `data_offset` (byte 104).
+fn find_data_offset(r: &Rig) -> u64 {
+    let mut b = [0u8; 8];
+    r.diff.read_at(&mut b, 104).unwrap();
+    u64::from_le_bytes(b)
+}
+
+#[test]
+fn snapshot_views_are_read_only_and_die_with_their_snapshot() {
+    let r = Rig::small();
+    let s = r.vol.create_snapshot(SnapshotOptions::default()).unwrap();
+    let view = r.vol.snapshot(s.id).unwrap();
+    assert!(view.is_read_only());
+    let e = view.write_at(&[1], 0).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+    assert!(view.discard(0, 4096).is_err());
+    r.vol.delete_snapshot(s.id).unwrap();
+    let e = view.read_at(&mut [0u8; 16], 0).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
+}
+
+#[test]
+fn live_volume_passes_the_block_conformance_suite_under_cow() {
+    let r = Rig::new(
+        conformance::MIN_LEN,
+        16 << 20,
+        VolumeOptions {
+            chunk_size: 16384,
+            ..Default::default()
+        },
+    );
+    let s = r.vol.create_snapshot(persistent()).unwrap();
+    let failures = conformance::run_all(&r.vol);
+    assert!(failures.is_empty(), "{failures:#?}");
+    // The snapshot still reads the zeros it was taken with.
+    assert!(all(&r.vol.snapshot(s.id).unwrap()).iter().all(|&b| b == 0));
+}
+
+#[test]
+fn snapshot_sets_are_all_or_nothing() {
+    let a = Rig::small();
+    let b = Rig::small();
+    fill(&a.vol, 0, 100, 1);
+    fill(&b.vol, 0, 100, 2);
+    let set = SnapshotSet::create(&[&a.vol, &b.vol], persistent(), Duration::from_secs(5)).unwrap();
+    assert_eq!(set.snapshots.len(), 2);
+    assert!(set.snapshots.iter().all(|s| s.set_id == Some(set.id)));
+    // Make the second volume refuse: its snapshot limit is reached.
+    b.vol.set_snapshot_limit(1);
+    let err =
+        SnapshotSet::create(&[&a.vol, &b.vol], persistent(), Duration::from_secs(5)).unwrap_err();
+    assert!(matches!(err, Error::TooManySnapshots(1)), "{err}");
+    assert_eq!(a.vol.snapshots().len(), 1, "partial set left behind");
+    assert_eq!(b.vol.snapshots().len(), 1);
+}
+
+/// An origin whose writes block while `stall` is set: a writer stuck
+/// inside the volume, as a hung disk would leave it.
+struct Stalling {
+    inner: MemDevice,
+    stall: Arc<AtomicBool>,
+}
+
+impl BlockDevice for Stalling {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn block_size(&self) -> u32 {
+        512
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> volshadow_block::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> volshadow_block::Result<()> {
+        while self.stall.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> volshadow_block::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> volshadow_block::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn name(&self) -> String {
+        "stalling".into()
+    }
+}
+
+#[test]
+fn snapshot_set_hold_times_out_on_a_stuck_writer() {
+    let stall = Arc::new(AtomicBool::new(false));
+    let origin = Arc::new(Stalling {
+        inner: MemDevice::new(1 << 20),
+        stall: stall.clone(),
+    });
+    let a = Volume::create(
+        origin,
+        Arc::new(MemDevice::new(4 << 20)),
+        VolumeOptions::default(),
+    )
+    .unwrap();
+    let b = Rig::small();
+    stall.store(true, Ordering::SeqCst);
+    let v = a.clone();
+    let writer = std::thread::spawn(move || v.write_at(&[1u8; 512], 0));
+    std::thread::sleep(Duration::from_millis(50));
+    let err =
+        SnapshotSet::create(&[&b.vol, &a], persistent(), Duration::from_millis(100)).unwrap_err();
+    assert!(matches!(err, Error::Timeout(_)), "{err}");
+    assert!(a.snapshots().is_empty() && b.vol.snapshots().is_empty());
+    // The hold was released: other writes to b go on; once the stuck
+    // writer finishes a set succeeds.
+    fill(&b.vol, 0, 10, 1);
+    stall.store(false, Ordering::SeqCst);
+    writer.join().unwrap().unwrap();
+    SnapshotSet::create(&[&b.vol, &a], persistent(), Duration::from_secs(5)).unwrap();
+    assert_eq!(a.snapshots().len(), 1);
+}
+
+/// Writers keep writing while snapshots are taken: each snapshot must be a
+/// clean cut of each writer's sequence, containing every write completed
+/// before the call and none started after it returned.
+#[test]
+fn snapshots_under_concurrent_writes_are_clean_cuts() {
+    const BLOCKS: u64 = 32;
+    let r = Rig::new(
+        2 * BLOCKS * 4096,
+        8 << 20,
+        VolumeOptions {
+            chunk_size: CHUNK,
+            ..Default::default()
+        },
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let done: Vec<Arc<AtomicU64>> = (0..2).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let vol = r.vol.clone();
+            let stop = stop.clone();
+            let done = done[w as usize].clone();
+            std::thread::spawn(move || {
+                let mut i = 1u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let block = w * BLOCKS + i % BLOCKS;
+                    vol.write_at(&i.to_le_bytes(), block * 4096).unwrap();
+                    done.store(i, Ordering::SeqCst);
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(2));
+        let before: Vec<u64> = done.iter().map(|d| d.load(Ordering::SeqCst)).collect();
+        let s = r.vol.create_snapshot(SnapshotOptions::default()).unwrap();
+        let after: Vec<u64> = done.iter().map(|d| d.load(Ordering::SeqCst)).collect();
+        let view = r.vol.snapshot(s.id).unwrap();
+        for w in 0..2u64 {
+            let vals: Vec<u64> = (0..BLOCKS)
+                .map(|b| {
+                    let mut x = [0u8; 8];
+                    view.read_at(&mut x, (w * BLOCKS + b) * 4096).unwrap();
+                    u64::from_le_bytes(x)
+                })
+                .collect();
+            let cut = *vals.iter().max().unwrap();
+            assert!(
+                cut >= before[w as usize],
+                "write {} missing",
+                before[w as usize]
+            );
+            assert!(
+                cut <= after[w as usize] + 1,
+                "write {cut} started after the snapshot"
+            );
+            // A clean cut: every block holds the last write <= cut to it.
+            for (b, &v) in vals.iter().enumerate() {
+                let want = if cut < b as u64 {
+                    0
+                } else {
+                    cut - (cut + BLOCKS - b as u64) % BLOCKS
+                };
+                assert_eq!(v, want, "writer {w} block {b} in a cut at {cut}");
+            }
+        }
+        r.vol.delete_snapshot(s.id).unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in writers {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn concurrent_first_writes_share_group_commit_flushes() {
+    let r = Rig::new(
+        16 << 20,
+        64 << 20,
+        VolumeOptions {
+            chunk_size: CHUNK,
+            ..Default::default()
+        },
+    );
+    r.vol.create_snapshot(persistent()).unwrap();
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let vol = r.vol.clone();
+            std::thread::spawn(move || {
+                for i in 0..128u64 {
+                    vol.write_at(&[1u8; 512], (t * 128 + i) * CHUNK as u64)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let flushes = r.vol.group_commit_flushes();
+    let copies = r.vol.usage().preserved_chunks;
+    assert_eq!(copies, 1024);
+    assert!(flushes <= copies, "{flushes} flushes for {copies} copies");
+    eprintln!("group commit: {flushes} flushes for {copies} preserved chunks");
+}
