@@ -26,6 +26,11 @@ pub struct VolumeOptions {
     /// Replace an existing diff area on the device. Without it, `create`
     /// refuses a device that already holds one.
     pub overwrite: bool,
+    /// Bytes per journal half instead of the computed size (at least
+    /// 8 KiB). Smaller halves checkpoint more often; tests use this to
+    /// exercise compaction. A half must hold a checkpoint of the largest
+    /// state, or writes fail with `JournalTooSmall`.
+    pub journal_half: Option<u64>,
 }
 
 impl Default for VolumeOptions {
@@ -35,6 +40,7 @@ impl Default for VolumeOptions {
             max_bytes: None,
             policy: FullPolicy::DeleteOldest,
             overwrite: false,
+            journal_half: None,
         }
     }
 }

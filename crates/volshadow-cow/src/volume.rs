@@ -89,7 +89,7 @@ impl Geometry {
 }
 
 /// Plans the diff-area layout for a device of `diff_len` bytes.
-fn plan_layout(diff_len: u64, chunk: u64) -> Option<(u64, u64, u64, u64)> {
+fn plan_layout(diff_len: u64, chunk: u64, half: Option<u64>) -> Option<(u64, u64, u64, u64)> {
     let align = |x: u64| x.next_multiple_of(4096);
     let journal_offset = 2 * SUPERBLOCK_SLOT;
     let per_slot = chunk + HASH_LEN + 2 * JOURNAL_PER_SLOT;
@@ -97,7 +97,7 @@ fn plan_layout(diff_len: u64, chunk: u64) -> Option<(u64, u64, u64, u64)> {
     let mut slots = diff_len.checked_sub(fixed)? / per_slot;
     slots = slots.min(u32::MAX as u64);
     loop {
-        let half = align(JOURNAL_BASE + slots * JOURNAL_PER_SLOT);
+        let half = half.map_or_else(|| align(JOURNAL_BASE + slots * JOURNAL_PER_SLOT), align);
         let hash_offset = journal_offset + 2 * half;
         let data_offset = align(hash_offset + slots * HASH_LEN);
         if data_offset + slots * chunk <= diff_len {
@@ -380,14 +380,20 @@ impl Volume {
                 diff.name()
             )));
         }
-        let (half, hash_offset, data_offset, slots) = plan_layout(diff.len(), chunk)
-            .filter(|l| l.3 > 0)
-            .ok_or_else(|| {
-                Error::InvalidOptions(format!(
-                    "diff area of {} bytes is too small for even one {cs}-byte chunk",
-                    diff.len()
-                ))
-            })?;
+        if options.journal_half.is_some_and(|h| h < 8192) {
+            return Err(Error::InvalidOptions(
+                "a journal half needs at least 8 KiB".into(),
+            ));
+        }
+        let (half, hash_offset, data_offset, slots) =
+            plan_layout(diff.len(), chunk, options.journal_half)
+                .filter(|l| l.3 > 0)
+                .ok_or_else(|| {
+                    Error::InvalidOptions(format!(
+                        "diff area of {} bytes is too small for even one {cs}-byte chunk",
+                        diff.len()
+                    ))
+                })?;
         let capacity = slots * chunk;
         let max_bytes = match (options.max_bytes, options.policy) {
             (_, FullPolicy::Grow { max }) if max > capacity => {

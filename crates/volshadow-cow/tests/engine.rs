@@ -181,7 +181,7 @@ fn tiny(policy: FullPolicy, max_chunks: u64) -> Rig {
             chunk_size: CHUNK,
             max_bytes: Some(max_chunks * CHUNK as u64),
             policy,
-            overwrite: false,
+            ..Default::default()
         },
     )
 }
