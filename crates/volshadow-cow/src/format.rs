@@ -314,7 +314,16 @@ pub enum Record {
         versions: u64,
     },
     SnapshotCreate(SnapshotRecord),
-    Preserve(VersionRecord),
+    /// A chunk copy. `hash` is the blake3 of the copied bytes; `durable`
+    /// is the journal seq below which every record (with its data) was
+    /// known durable when this one was appended. Recovery checks the data
+    /// of copies at or above the highest `durable` it sees, because their
+    /// record may have reached the media without their data.
+    Preserve {
+        version: VersionRecord,
+        hash: [u8; 32],
+        durable: u64,
+    },
     SnapshotDelete {
         seq: u64,
     },
@@ -463,11 +472,15 @@ mod tests {
 
     #[test]
     fn record_envelope_round_trips_and_rejects_tails() {
-        let rec = Record::Preserve(VersionRecord {
-            chunk: 5,
-            tag: 2,
-            slot: 9,
-        });
+        let rec = Record::Preserve {
+            version: VersionRecord {
+                chunk: 5,
+                tag: 2,
+                slot: 9,
+            },
+            hash: [3; 32],
+            durable: 7,
+        };
         let bytes = encode_record(4, 11, &rec).unwrap();
         assert_eq!(decode_record(&bytes, 4, 11).unwrap(), (rec, bytes.len()));
         assert_eq!(

@@ -52,7 +52,8 @@ impl Gate {
     /// Closes the gate, waiting at most `timeout` for another closer to
     /// finish and for writers inside to drain.
     pub(crate) fn close(&self, timeout: Duration) -> Result<Closed<'_>> {
-        let deadline = Instant::now() + timeout;
+        // No deadline when `timeout` is too long to represent (Duration::MAX).
+        let deadline = Instant::now().checked_add(timeout);
         let mut st = self.lock();
         while st.closed {
             st = self.wait_until(st, deadline, timeout)?;
@@ -75,9 +76,15 @@ impl Gate {
     fn wait_until<'a>(
         &'a self,
         st: MutexGuard<'a, GateState>,
-        deadline: Instant,
+        deadline: Option<Instant>,
         timeout: Duration,
     ) -> Result<MutexGuard<'a, GateState>> {
+        let Some(deadline) = deadline else {
+            return Ok(self
+                .changed
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner));
+        };
         let now = Instant::now();
         if now >= deadline {
             return Err(Error::Timeout(timeout));

@@ -74,6 +74,25 @@ impl VersionIndex {
         freed
     }
 
+    /// Removes the version of `chunk` stored in `slot`, whatever its tag.
+    pub(crate) fn remove_slot(&mut self, chunk: u32, slot: u32) -> bool {
+        let tag = self
+            .by_tag
+            .iter()
+            .find_map(|(&t, m)| (m.get(&chunk) == Some(&slot)).then_some(t));
+        let Some(tag) = tag else {
+            return false;
+        };
+        if let Some(m) = self.by_tag.get_mut(&tag) {
+            m.remove(&chunk);
+            if m.is_empty() {
+                self.by_tag.remove(&tag);
+            }
+        }
+        self.len -= 1;
+        true
+    }
+
     /// Chunks with a version tagged in `from..to`, sorted.
     pub(crate) fn chunks_tagged(&self, from: u64, to: u64) -> Vec<u32> {
         let mut out: Vec<u32> = self

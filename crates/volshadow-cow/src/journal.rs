@@ -26,6 +26,8 @@ pub(crate) struct Journal {
     /// Bytes used in the active half.
     tail: u64,
     next_seq: u64,
+    /// Records below this seq (and the data they point to) are durable.
+    durable: u64,
 }
 
 /// Outcome of reading the active half.
@@ -115,9 +117,11 @@ impl Journal {
             sb,
             tail: 0,
             next_seq: 0,
+            durable: 0,
         };
         j.write_half(0, 1, &checkpoint)?;
         j.diff.flush()?;
+        j.durable = j.next_seq;
         for generation in [1, 2] {
             j.sb.generation = generation;
             Self::write_superblock(&*j.diff, &j.sb)?;
@@ -133,7 +137,30 @@ impl Journal {
             sb,
             tail: 0,
             next_seq: 0,
+            durable: 0,
         }
+    }
+
+    /// The seq the next record gets.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Seq below which records are known durable.
+    pub(crate) fn durable(&self) -> u64 {
+        self.durable
+    }
+
+    /// A flush that started after record `seq - 1` was appended completed.
+    /// Ignored if a checkpoint began a new half meanwhile (`epoch` moved).
+    pub(crate) fn mark_durable(&mut self, epoch: u64, seq: u64) {
+        if epoch == self.sb.epoch {
+            self.durable = self.durable.max(seq);
+        }
+    }
+
+    pub(crate) fn epoch(&self) -> u64 {
+        self.sb.epoch
     }
 
     /// Reads every valid record of the active half, in order.
@@ -260,6 +287,7 @@ impl Journal {
         self.sb.generation += 1;
         Self::write_superblock(&*self.diff, &self.sb)?;
         self.diff.flush()?;
+        self.durable = self.next_seq;
         Ok(())
     }
 }

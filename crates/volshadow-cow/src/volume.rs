@@ -185,6 +185,10 @@ struct Replayer {
     slots: u32,
     name: String,
     checkpoint_seen: bool,
+    /// Highest `durable` mark seen: records below it had their data flushed.
+    trusted: u64,
+    /// Copies journaled after the checkpoint: (record seq, version, hash).
+    recent: Vec<(u64, VersionRecord, [u8; 32])>,
 }
 
 impl Replayer {
@@ -264,13 +268,22 @@ impl Replayer {
                 st.next_seq = s.seq + 1;
                 st.snapshots.insert(s.seq, s);
             }
-            Record::Preserve(v) => {
+            Record::Preserve {
+                version: v,
+                hash,
+                durable,
+            } => {
                 if Some(v.tag) != st.newest() {
                     return Err(
                         self.corrupt(n, format!("{v:?} is not tagged with the newest snapshot"))
                     );
                 }
+                if durable > n as u64 {
+                    return Err(self.corrupt(n, "durable mark beyond the record itself"));
+                }
+                self.trusted = self.trusted.max(durable);
                 self.add_version(n, v)?;
+                self.recent.push((n as u64, v, hash));
             }
             Record::SnapshotDelete { seq } => {
                 if !st.snapshots.contains_key(&seq) {
@@ -487,6 +500,8 @@ impl Volume {
             slots: geo.slots,
             name: diff.name(),
             checkpoint_seen: false,
+            trusted: 0,
+            recent: Vec::new(),
         };
         let count = replay.records.len();
         for (n, rec) in replay.records.into_iter().enumerate() {
@@ -495,6 +510,7 @@ impl Volume {
         if !rp.checkpoint_seen {
             return Err(rp.corrupt(count, "the journal's checkpoint is incomplete"));
         }
+        let (trusted, recent) = (rp.trusted, std::mem::take(&mut rp.recent));
         let mut state = rp.state;
         let dropped: Vec<u64> = state
             .snapshots
@@ -515,6 +531,31 @@ impl Volume {
                 reason: "an interrupted revert names a snapshot that no longer exists".into(),
             });
         }
+        // Copies journaled after the last known flush: their record may have
+        // landed without their data. Such a flush never completed, so the
+        // origin chunk was never overwritten and the copy can be dropped.
+        // Copies that did land get their hash-table entry rewritten.
+        let mut lost = 0;
+        let mut buf = vec![0u8; geo.chunk as usize];
+        let recent: Vec<_> = recent.into_iter().filter(|r| r.0 >= trusted).collect();
+        let live: std::collections::HashSet<(u32, u32)> = if recent.is_empty() {
+            Default::default()
+        } else {
+            state.index.iter().map(|x| (x.chunk, x.slot)).collect()
+        };
+        for (_, v, hash) in recent {
+            if !live.contains(&(v.chunk, v.slot)) {
+                continue;
+            }
+            let (_, len) = geo.chunk_range(v.chunk as u64);
+            diff.read_at(&mut buf[..len], geo.slot_offset(v.slot))?;
+            if *blake3::hash(&buf[..len]).as_bytes() == hash {
+                diff.write_at(&hash, geo.hash_offset(v.slot))?;
+            } else {
+                state.index.remove_slot(v.chunk, v.slot);
+                lost += 1;
+            }
+        }
         state.slots = SlotAllocator::from_used(geo.slots, state.index.iter().map(|v| v.slot));
         let records = state.checkpoint_records();
         state.journal.checkpoint(records)?;
@@ -523,6 +564,7 @@ impl Volume {
             records = count,
             end = ?replay.end,
             discarded_non_persistent = dropped.len(),
+            unflushed_copies_dropped = lost,
             "recovered diff area"
         );
         let revert = state.revert;
@@ -703,7 +745,7 @@ impl Volume {
                 policy,
             })
             .map_err(|e| inner.fail(e))?;
-            inner.diff.flush().map_err(|e| inner.fail(e.into()))?;
+            inner.flush_diff(&mut st)?;
             st.max_slots = max_slots;
             st.policy = policy;
         }
@@ -931,7 +973,7 @@ impl Inner {
         st.log(Record::SnapshotCreate(rec.clone()))
             .map_err(|e| self.fail(e))?;
         if options.persistent {
-            self.diff.flush().map_err(|e| self.fail(e.into()))?;
+            self.flush_diff(&mut st)?;
         }
         st.next_seq += 1;
         st.snapshots.insert(rec.seq, rec.clone());
@@ -964,7 +1006,7 @@ impl Inner {
         st.log(Record::SnapshotDelete { seq })
             .map_err(|e| self.fail(e))?;
         let freed = st.forget(seq);
-        self.diff.flush().map_err(|e| self.fail(e.into()))?;
+        self.flush_diff(st)?;
         self.discard_slots(&freed);
         for s in &freed {
             st.slots.release(*s);
@@ -1057,15 +1099,16 @@ impl Inner {
     }
 
     /// Copies chunk `c`'s current contents to the diff area and records it.
-    /// Returns whether the copy must be made durable before the origin is
-    /// overwritten (some persistent snapshot may read it).
-    fn preserve(&self, c: u64) -> Result<bool> {
+    /// Returns `Some((epoch, seq))` when the copy must be made durable
+    /// before the origin is overwritten (some persistent snapshot may read
+    /// it): a flush then covers the journal up to `seq` of `epoch`.
+    fn preserve(&self, c: u64) -> Result<Option<(u64, u64)>> {
         let (off, len) = self.geo.chunk_range(c);
         let mut buf = vec![0u8; self.geo.chunk as usize];
         self.origin.read_at(&mut buf[..len], off)?;
         let hash = blake3::hash(&buf[..len]);
         let Some(slot) = self.alloc_slot(&mut self.state_write())? else {
-            return Ok(false);
+            return Ok(None);
         };
         let written = self
             .diff
@@ -1081,17 +1124,32 @@ impl Inner {
         }
         let Some(tag) = st.newest() else {
             st.slots.release(slot);
-            return Ok(false);
+            return Ok(None);
         };
-        st.log(Record::Preserve(VersionRecord {
-            chunk: c as u32,
-            tag,
-            slot,
-        }))
+        let durable = st.journal.durable();
+        st.log(Record::Preserve {
+            version: VersionRecord {
+                chunk: c as u32,
+                tag,
+                slot,
+            },
+            hash: *hash.as_bytes(),
+            durable,
+        })
         .map_err(|e| self.fail(e))?;
         st.index.insert(c as u32, tag, slot);
         self.has_any.set(c);
-        Ok(st.any_persistent())
+        Ok(st
+            .any_persistent()
+            .then(|| (st.journal.epoch(), st.journal.next_seq())))
+    }
+
+    /// Flushes the diff area and records how far the journal is durable.
+    fn flush_diff(&self, st: &mut State) -> Result<()> {
+        let (epoch, seq) = (st.journal.epoch(), st.journal.next_seq());
+        self.diff.flush().map_err(|e| self.fail(e.into()))?;
+        st.journal.mark_durable(epoch, seq);
+        Ok(())
     }
 
     fn write_origin(&self, payload: Payload<'_>, offset: u64) -> Result<()> {
@@ -1130,15 +1188,18 @@ impl Inner {
             })
             .collect();
         let mut fresh = Vec::with_capacity(need.len());
-        let mut durable = false;
+        let mut durable: Option<(u64, u64)> = None;
         for &c in &need {
             if !self.preserved.get(c) {
-                durable |= self.preserve(c)?;
+                if let Some(d) = self.preserve(c)? {
+                    durable = Some(durable.map_or(d, |p| p.max(d)));
+                }
                 fresh.push(c);
             }
         }
-        if durable {
+        if let Some((epoch, seq)) = durable {
             self.commit.flush().map_err(|e| self.fail(e.into()))?;
+            self.state_write().journal.mark_durable(epoch, seq);
         }
         // Only now may other writers skip these chunks: their copies are
         // durable where they must be.
@@ -1223,8 +1284,7 @@ impl Inner {
         let mut st = self.state_write();
         st.log(Record::RevertEnd).map_err(|e| self.fail(e))?;
         st.revert = None;
-        drop(st);
-        self.diff.flush().map_err(|e| self.fail(e.into()))?;
+        self.flush_diff(&mut st)?;
         info!(seq, "revert finished");
         Ok(())
     }
