@@ -26,6 +26,7 @@ pub fn checks() -> &'static [Check] {
         ("flush_keeps_data", flush_keeps_data),
         ("discard_reads_zero", discard_reads_zero),
         ("concurrent_disjoint_writers", concurrent_disjoint_writers),
+        ("allocation_is_consistent", allocation_is_consistent),
     ]
 }
 
@@ -280,6 +281,40 @@ fn concurrent_disjoint_writers(dev: &dyn BlockDevice) -> CheckResult {
             &model,
             start,
         )?;
+    }
+    Ok(())
+}
+
+fn allocation_is_consistent(dev: &dyn BlockDevice) -> CheckResult {
+    let n = test_len(dev)?;
+    io("write", dev.write_at(&[0x77; 8192], 1 << 20))?;
+    io("discard", dev.discard(2 << 20, 1 << 20))?;
+    for (off, len) in [(0u64, n), (4095, 1 << 20), (2 << 20, 1 << 20)] {
+        let Some(extents) = io("allocation", dev.allocation(off, len))? else {
+            return Ok(());
+        };
+        let mut at = off;
+        for e in &extents {
+            if e.offset != at || e.len == 0 {
+                return Err(format!("extents do not tile {off}+{len}: {extents:?}"));
+            }
+            if !e.data {
+                let zeros = read_all(dev, e.offset, e.len.min(1 << 20) as usize)?;
+                if zeros.iter().any(|&b| b != 0) {
+                    return Err(format!("hole {e:?} does not read as zeros"));
+                }
+            }
+            at += e.len;
+        }
+        if at != off + len {
+            return Err(format!("extents end at {at}, not {}", off + len));
+        }
+    }
+    let Some(ext) = io("allocation", dev.allocation(1 << 20, 8192))? else {
+        return Ok(());
+    };
+    if ext.iter().any(|e| !e.data) {
+        return Err(format!("written range reported as a hole: {ext:?}"));
     }
     Ok(())
 }

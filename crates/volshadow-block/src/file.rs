@@ -202,6 +202,12 @@ impl BlockDevice for FileImage {
         self.read_only
     }
 
+    fn allocation(&self, offset: u64, len: u64) -> Result<Option<Vec<crate::Extent>>> {
+        check_range(self, Op::Query, offset, len)?;
+        sys::allocation(&self.file, offset, len)
+            .map_err(|source| Error::io(&self.name(), Op::Query, offset, source))
+    }
+
     fn name(&self) -> String {
         self.path.display().to_string()
     }

@@ -69,6 +69,14 @@ pub trait BlockDevice: Send + Sync {
     /// Tells the device `len` bytes at `offset` are no longer needed; they
     /// read back as zeros afterwards.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Which parts of `offset..offset + len` hold data: sorted, adjacent
+    /// [`Extent`]s covering the range exactly. `None` when the device
+    /// cannot tell (then everything counts as data). A range reported as a
+    /// hole reads as zeros.
+    fn allocation(&self, offset: u64, len: u64) -> Result<Option<Vec<Extent>>> {
+        let _ = (offset, len);
+        Ok(None)
+    }
     /// True for devices that refuse writes.
     fn is_read_only(&self) -> bool {
         false
@@ -100,11 +108,34 @@ macro_rules! forward_block_device {
             fn flush(&self) -> Result<()> { (**self).flush() }
             fn discard(&self, offset: u64, len: u64) -> Result<()> { (**self).discard(offset, len) }
             fn is_read_only(&self) -> bool { (**self).is_read_only() }
+            fn allocation(&self, offset: u64, len: u64) -> Result<Option<Vec<Extent>>> { (**self).allocation(offset, len) }
             fn name(&self) -> String { (**self).name() }
         }
     )*};
 }
 forward_block_device!(Arc<D>, Box<D>, &D);
+
+/// A byte range and whether it holds data (`false`: a hole, reads zeros).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub data: bool,
+}
+
+/// Appends an extent, merging it with the previous one when they touch
+/// and agree.
+pub fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+    if e.len == 0 {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if last.data == e.data && last.offset + last.len == e.offset => {
+            last.len += e.len
+        }
+        _ => out.push(e),
+    }
+}
 
 /// Checks that `len` bytes at `offset` fit in a device of `size` bytes.
 ///

@@ -131,6 +131,30 @@ impl BlockDevice for MemDevice {
         Ok(())
     }
 
+    fn allocation(&self, offset: u64, len: u64) -> Result<Option<Vec<crate::Extent>>> {
+        check_range(self, Op::Query, offset, len)?;
+        let mut out = Vec::new();
+        let Ok(len) = usize::try_from(len) else {
+            return Ok(None);
+        };
+        for (seg, at, pos, n) in Self::pieces(offset, len) {
+            let data = self.segments[seg]
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some();
+            let _ = at;
+            crate::push_extent(
+                &mut out,
+                crate::Extent {
+                    offset: offset + pos as u64,
+                    len: n as u64,
+                    data,
+                },
+            );
+        }
+        Ok(Some(out))
+    }
+
     fn name(&self) -> String {
         "memory device".to_owned()
     }

@@ -73,6 +73,17 @@ impl BlockDevice for SnapshotView {
         true
     }
 
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> volshadow_block::Result<Option<Vec<volshadow_block::Extent>>> {
+        check_range(self, Op::Query, offset, len)?;
+        self.inner
+            .snapshot_allocation(self.seq, offset, len)
+            .map_err(|e| e.into_block(self.name()))
+    }
+
     fn name(&self) -> String {
         format!("snapshot {}", self.id)
     }

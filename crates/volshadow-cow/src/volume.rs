@@ -774,21 +774,29 @@ impl Volume {
     }
 
     /// Extents of snapshot `id` that may hold data: everything except
-    /// ranges known to read as zeros (ranges the origin reports as holes and
-    /// the snapshot reads from the origin).
+    /// ranges the snapshot reads from origin holes (which read as zeros).
+    /// Preserved chunks always count as data.
     pub fn allocated_extents(&self, id: Uuid) -> Result<Vec<Extent>> {
-        let seq = self.inner.state_read().find(id)?;
-        let inner = &self.inner;
-        let mut chunks = Vec::new();
-        let mut buf = vec![0u8; inner.geo.chunk as usize];
-        for c in 0..inner.geo.chunks {
-            let (_, len) = inner.geo.chunk_range(c);
-            inner.read_snapshot_chunk(id, seq, c, &mut buf[..len])?;
-            if buf[..len].iter().any(|&b| b != 0) {
-                chunks.push(c);
-            }
-        }
-        Ok(inner.merge_extents(chunks.into_iter()))
+        let view = self.snapshot(id)?;
+        let len = self.inner.geo.origin_len;
+        let map = view
+            .allocation(0, len)
+            .map_err(Error::Block)?
+            .unwrap_or_else(|| {
+                vec![volshadow_block::Extent {
+                    offset: 0,
+                    len,
+                    data: true,
+                }]
+            });
+        Ok(map
+            .into_iter()
+            .filter(|e| e.data)
+            .map(|e| Extent {
+                offset: e.offset,
+                len: e.len,
+            })
+            .collect())
     }
 
     /// Rolls the origin back to snapshot `id` (persistent snapshots only,
@@ -1209,6 +1217,59 @@ impl Inner {
         self.write_origin(payload, offset)
     }
 
+    /// Allocation of `offset..offset+len` as snapshot `seq` sees it:
+    /// chunks it reads from the diff area are data, the rest is whatever
+    /// the origin reports.
+    pub(crate) fn snapshot_allocation(
+        &self,
+        seq: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<volshadow_block::Extent>>> {
+        use volshadow_block::{Extent as BExtent, push_extent};
+        let mut out = Vec::new();
+        if len == 0 {
+            return Ok(Some(out));
+        }
+        let end = offset + len;
+        let first = offset >> self.geo.shift;
+        let last = (end - 1) >> self.geo.shift;
+        let mut c = first;
+        while c <= last {
+            let preserved = |c: u64| {
+                self.has_any.get(c) && self.state_read().index.lookup(c as u32, seq).is_some()
+            };
+            let kind = preserved(c);
+            let mut d = c + 1;
+            while d <= last && preserved(d) == kind {
+                d += 1;
+            }
+            let lo = (c << self.geo.shift).max(offset);
+            let hi = (d << self.geo.shift).min(end);
+            if kind {
+                push_extent(
+                    &mut out,
+                    BExtent {
+                        offset: lo,
+                        len: hi - lo,
+                        data: true,
+                    },
+                );
+            } else {
+                match self.origin.allocation(lo, hi - lo)? {
+                    Some(exts) => {
+                        for e in exts {
+                            push_extent(&mut out, e);
+                        }
+                    }
+                    None => return Ok(None),
+                }
+            }
+            c = d;
+        }
+        Ok(Some(out))
+    }
+
     /// Reads chunk `c` as snapshot `seq` sees it (`buf` = the chunk's bytes).
     pub(crate) fn read_snapshot_chunk(
         &self,
@@ -1323,6 +1384,15 @@ impl BlockDevice for Volume {
         self.inner
             .write_locked(Payload::Discard(len), offset)
             .map_err(|e| e.into_block(self.name()))
+    }
+
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> volshadow_block::Result<Option<Vec<volshadow_block::Extent>>> {
+        check_range(self, Op::Query, offset, len)?;
+        self.inner.origin.allocation(offset, len)
     }
 
     fn name(&self) -> String {

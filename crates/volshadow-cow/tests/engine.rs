@@ -578,3 +578,31 @@ fn concurrent_first_writes_share_group_commit_flushes() {
     assert!(flushes <= copies, "{flushes} flushes for {copies} copies");
     eprintln!("group commit: {flushes} flushes for {copies} preserved chunks");
 }
+
+#[test]
+fn allocated_extents_report_holes_of_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin =
+        Arc::new(volshadow_block::FileImage::create(dir.path().join("o"), 4 << 20).unwrap());
+    let diff = Arc::new(MemDevice::new(8 << 20));
+    let vol = Volume::create(origin, diff, VolumeOptions::default()).unwrap();
+    vol.write_at(&[1u8; 4096], 1 << 20).unwrap();
+    let s = vol.create_snapshot(persistent()).unwrap();
+    vol.write_at(&[2u8; 4096], 3 << 20).unwrap();
+    let ext = vol.allocated_extents(s.id).unwrap();
+    let covers = |off: u64| {
+        ext.iter()
+            .any(|e| e.offset <= off && off < e.offset + e.len)
+    };
+    assert!(covers(1 << 20), "{ext:?}");
+    assert!(!covers(2 << 20), "a hole reported as data: {ext:?}");
+    // The snapshot sees chunk 3 MiB through its preserved copy.
+    assert!(covers(3 << 20), "{ext:?}");
+    let live = vol.allocation(0, 4 << 20).unwrap();
+    if let Some(live) = live {
+        assert!(
+            live.iter()
+                .any(|e| e.data && e.offset <= (3 << 20) && (3 << 20) < e.offset + e.len)
+        );
+    }
+}

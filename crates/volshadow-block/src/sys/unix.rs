@@ -125,3 +125,62 @@ pub(crate) fn lock_volume(_file: &File, _dismount: bool) -> io::Result<()> {
 pub(crate) fn is_device_path(_path: &std::path::Path) -> bool {
     false
 }
+
+/// Data and hole ranges of a regular file via `SEEK_DATA` / `SEEK_HOLE`.
+/// `None` where the system or file system cannot say.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn allocation(
+    file: &File,
+    offset: u64,
+    len: u64,
+) -> io::Result<Option<Vec<crate::Extent>>> {
+    use rustix::fs::{SeekFrom, seek};
+    let end = offset + len;
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let data = match seek(file, SeekFrom::Data(pos)) {
+            Ok(d) => d.min(end),
+            // ENXIO: no data at or after `pos`.
+            Err(e) if e == rustix::io::Errno::NXIO => end,
+            Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::OPNOTSUPP => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        crate::push_extent(
+            &mut out,
+            crate::Extent {
+                offset: pos,
+                len: data - pos,
+                data: false,
+            },
+        );
+        if data >= end {
+            break;
+        }
+        let hole = match seek(file, SeekFrom::Hole(data)) {
+            Ok(h) => h.min(end),
+            Err(e) => return Err(e.into()),
+        };
+        crate::push_extent(
+            &mut out,
+            crate::Extent {
+                offset: data,
+                len: hole - data,
+                data: true,
+            },
+        );
+        pos = hole;
+    }
+    Ok(Some(out))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn allocation(
+    _file: &File,
+    _offset: u64,
+    _len: u64,
+) -> io::Result<Option<Vec<crate::Extent>>> {
+    Ok(None)
+}
