@@ -1,1 +1,761 @@
-//! (in progress)
+//! The `volshadow` command line: verbs shaped like `vssadmin` and
+//! `diskshadow`, over the copy-on-write engine and the NBD server.
+#![forbid(unsafe_code)]
+
+mod control;
+mod exports;
+mod ops;
+mod quickstart;
+mod storage;
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use volshadow_block::{BlockDevice, FileImage};
+use volshadow_cow::{FullPolicy, SnapshotOptions, SnapshotSet, Target, Volume, VolumeOptions};
+
+pub use ops::{Reply, Request, ShadowRow, Which};
+pub use storage::parse_size;
+
+#[derive(Debug, Parser)]
+#[command(name = "volshadow", version, about = "Point-in-time snapshots of block volumes (VSS-style)")]
+struct Cli {
+    /// Log what the engine does (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Disk images.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// Add shadow storage (a diff area) for a volume.
+    Add {
+        #[command(subcommand)]
+        what: AddWhat,
+    },
+    /// Change the shadow storage limit or policy.
+    Resize {
+        #[command(subcommand)]
+        what: ResizeWhat,
+    },
+    /// List shadow copies, shadow storage, writers or providers.
+    List {
+        #[command(subcommand)]
+        what: ListWhat,
+    },
+    /// Create shadow copies.
+    Create {
+        #[command(subcommand)]
+        what: CreateWhat,
+    },
+    /// Delete shadow copies.
+    Delete {
+        #[command(subcommand)]
+        what: DeleteWhat,
+    },
+    /// Write a file (or stdin) into the live volume through the COW layer.
+    Write {
+        #[arg(long = "for", value_name = "IMG")]
+        volume: PathBuf,
+        #[arg(long, value_parser = parse_size_or_zero)]
+        offset: u64,
+        #[arg(long)]
+        input: Option<PathBuf>,
+    },
+    /// Read bytes of the live volume or of a shadow copy.
+    Read {
+        #[arg(long = "for", value_name = "IMG")]
+        volume: PathBuf,
+        #[arg(long)]
+        shadow: Option<String>,
+        #[arg(long, value_parser = parse_size_or_zero)]
+        offset: u64,
+        #[arg(long, value_parser = parse_size)]
+        length: u64,
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Changed extents between two shadow copies (or one and the live volume).
+    Diff {
+        #[arg(long = "for", value_name = "IMG")]
+        volume: PathBuf,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a shadow copy to a raw image; with --since, only changed chunks.
+    Export {
+        #[arg(long = "for", value_name = "IMG")]
+        volume: PathBuf,
+        #[arg(long)]
+        shadow: String,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Roll the volume back to a (persistent) shadow copy.
+    Revert {
+        #[arg(long = "for", value_name = "IMG")]
+        volume: PathBuf,
+        #[arg(long)]
+        shadow: String,
+    },
+    /// Reread every preserved chunk and check its hash.
+    Verify {
+        #[arg(long = "for", value_name = "IMG")]
+        volume: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the live volume and its shadow copies over NBD.
+    Serve {
+        #[arg(long = "for", value_name = "IMG")]
+        volume: PathBuf,
+        /// Unix socket to listen on.
+        #[arg(long, conflicts_with = "listen")]
+        socket: Option<PathBuf>,
+        /// TCP address to listen on.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Show the whole idea on a small image in under a minute.
+    Quickstart {
+        /// Where to put the files (default: a new directory under the
+        /// system's temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Create a sparse raw image.
+    Create {
+        img: PathBuf,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OnFull {
+    DeleteOldest,
+    FailWrites,
+    Grow,
+}
+
+#[derive(Debug, Args)]
+struct PolicyArgs {
+    /// What to do when the shadow storage is full.
+    #[arg(long, value_enum)]
+    on_full: Option<OnFull>,
+    /// With --on-full grow: the most it may grow to (default: the capacity).
+    #[arg(long, value_parser = parse_size)]
+    grow_max: Option<u64>,
+}
+
+impl PolicyArgs {
+    fn policy(&self, capacity: u64) -> Option<FullPolicy> {
+        self.on_full.map(|p| match p {
+            OnFull::DeleteOldest => FullPolicy::DeleteOldest,
+            OnFull::FailWrites => FullPolicy::FailWrites,
+            OnFull::Grow => FullPolicy::Grow {
+                max: self.grow_max.unwrap_or(capacity),
+            },
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum AddWhat {
+    Shadowstorage {
+        #[arg(long = "for", value_name = "IMG")]
+        volume: PathBuf,
+        #[arg(long = "on", value_name = "DIFF")]
+        diff: PathBuf,
+        #[arg(long, value_parser = parse_size)]
+        maxsize: u64,
+        #[arg(long, value_parser = parse_size, default_value = "16K")]
+        chunk_size: u64,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ResizeWhat {
+    Shadowstorage {
+        #[arg(long = "for", value_name = "IMG")]
+        volume: PathBuf,
+        #[arg(long, value_parser = parse_size)]
+        maxsize: u64,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ListWhat {
+    Shadows {
+        #[arg(long = "for", value_name = "IMG")]
+        volume: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    Shadowstorage {
+        #[arg(long = "for", value_name = "IMG")]
+        volume: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CreateWhat {
+    Shadow {
+        /// A volume; several make one atomic shadow copy set.
+        #[arg(long = "for", value_name = "IMG", required = true)]
+        volumes: Vec<PathBuf>,
+        /// Persistent (the default for the command line: a shadow copy
+        /// that outlives this command). Kept for vssadmin habits.
+        #[arg(long, conflicts_with = "non_persistent")]
+        persistent: bool,
+        /// Auto-release: lives only while a `serve` holds the volume.
+        #[arg(long)]
+        non_persistent: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeleteWhat {
+    Shadows {
+        #[arg(long = "for", value_name = "IMG")]
+        volume: PathBuf,
+        #[arg(long, group = "which")]
+        shadow: Option<String>,
+        #[arg(long, group = "which")]
+        oldest: bool,
+        #[arg(long, group = "which")]
+        all: bool,
+    },
+}
+
+fn parse_size_or_zero(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        Ok(0)
+    } else {
+        parse_size(s)
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("volshadow: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => return,
+        1 => "info",
+        _ => "debug",
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs one operation on the volume: through its server if one holds it,
+/// otherwise in-process.
+pub fn on_volume(img: &Path, req: &Request, payload: &[u8]) -> Result<(Reply, Vec<u8>)> {
+    if let Some(answer) = control::call(&storage::control_path(img), req, payload)? {
+        return Ok(answer);
+    }
+    let vol = storage::open_volume(img)?;
+    ops::execute(&vol, req, payload)
+}
+
+fn print_reply(reply: &Reply, json: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, reply)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", ops::render(reply))?;
+    }
+    Ok(())
+}
+
+fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}
+
+fn run(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Image {
+            command: ImageCommand::Create { img, size },
+        } => {
+            FileImage::create(&img, size)?;
+            println!("Created {} ({}).", img.display(), ops::human_size(size));
+            Ok(())
+        }
+        Command::Add {
+            what:
+                AddWhat::Shadowstorage {
+                    volume,
+                    diff,
+                    maxsize,
+                    chunk_size,
+                    policy,
+                },
+        } => add_shadowstorage(&volume, &diff, maxsize, chunk_size, &policy),
+        Command::Resize {
+            what:
+                ResizeWhat::Shadowstorage {
+                    volume,
+                    maxsize,
+                    policy,
+                },
+        } => {
+            let (reply, _) = on_volume(
+                &volume,
+                &Request::Resize {
+                    max_bytes: maxsize,
+                    policy: policy.policy(maxsize.max(policy.grow_max.unwrap_or(0))),
+                },
+                &[],
+            )?;
+            print_reply(&reply, false)
+        }
+        Command::List { what } => match what {
+            ListWhat::Shadows { volume, json } => {
+                let (reply, _) = on_volume(&volume, &Request::ListShadows, &[])?;
+                print_reply(&reply, json)
+            }
+            ListWhat::Shadowstorage { volume, json } => list_shadowstorage(volume, json),
+        },
+        Command::Create {
+            what:
+                CreateWhat::Shadow {
+                    volumes,
+                    persistent: _,
+                    non_persistent,
+                    json,
+                },
+        } => create_shadows(&volumes, !non_persistent, json),
+        Command::Delete {
+            what:
+                DeleteWhat::Shadows {
+                    volume,
+                    shadow,
+                    oldest,
+                    all,
+                },
+        } => {
+            let which = match (shadow, oldest, all) {
+                (Some(id), _, _) => Which::Id(id),
+                (None, true, _) => Which::Oldest,
+                (None, _, true) => Which::All,
+                _ => bail!("say which: --shadow ID, --oldest or --all"),
+            };
+            let (reply, _) = on_volume(&volume, &Request::DeleteShadows { which }, &[])?;
+            print_reply(&reply, false)
+        }
+        Command::Write {
+            volume,
+            offset,
+            input,
+        } => {
+            let mut data = Vec::new();
+            match &input {
+                Some(p) => {
+                    data = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?
+                }
+                None => {
+                    std::io::stdin().read_to_end(&mut data)?;
+                }
+            }
+            let req = Request::Write {
+                offset,
+                length: data.len() as u64,
+            };
+            on_volume(&volume, &req, &data)?;
+            eprintln!("Wrote {} bytes at offset {offset}.", data.len());
+            Ok(())
+        }
+        Command::Read {
+            volume,
+            shadow,
+            offset,
+            length,
+            output,
+        } => {
+            let req = Request::Read {
+                shadow,
+                offset,
+                length,
+            };
+            let (_, data) = on_volume(&volume, &req, &[])?;
+            match output {
+                Some(p) => std::fs::write(&p, &data).with_context(|| format!("writing {}", p.display()))?,
+                None => std::io::stdout().lock().write_all(&data)?,
+            }
+            Ok(())
+        }
+        Command::Diff {
+            volume,
+            from,
+            to,
+            json,
+        } => {
+            let (reply, _) = on_volume(&volume, &Request::Diff { from, to }, &[])?;
+            print_reply(&reply, json)
+        }
+        Command::Export {
+            volume,
+            shadow,
+            output,
+            since,
+            json,
+        } => export(&volume, &shadow, &output, since.as_deref(), json),
+        Command::Revert { volume, shadow } => {
+            on_volume(&volume, &Request::Revert { shadow: shadow.clone() }, &[])?;
+            println!("Reverted {} to shadow copy {shadow}.", volume.display());
+            Ok(())
+        }
+        Command::Verify { volume, json } => {
+            let (reply, _) = on_volume(&volume, &Request::Verify, &[])?;
+            print_reply(&reply, json)?;
+            if let Reply::Verify { report } = &reply
+                && !report.mismatches.is_empty()
+            {
+                bail!("{} damaged chunk(s)", report.mismatches.len());
+            }
+            Ok(())
+        }
+        Command::Serve {
+            volume,
+            socket,
+            listen,
+        } => serve(&volume, socket, listen),
+        Command::Quickstart { dir } => quickstart::run(dir),
+    }
+}
+
+/// Diff-area file size for a limit of `maxsize`: room for the layout to
+/// hold max(maxsize, origin) of copies, so the limit can later be raised
+/// that far. The file is sparse: unused room costs nothing.
+fn diff_file_size(maxsize: u64, origin_len: u64, chunk: u64) -> u64 {
+    let data = maxsize.max(origin_len).next_multiple_of(chunk);
+    let slots = data / chunk;
+    data + slots * (32 + 64) + (512 << 10)
+}
+
+fn add_shadowstorage(
+    img: &Path,
+    diff: &Path,
+    maxsize: u64,
+    chunk_size: u64,
+    policy: &PolicyArgs,
+) -> Result<()> {
+    let chunk = u32::try_from(chunk_size).context("chunk size too large")?;
+    if storage::binding_path(img).exists() {
+        bail!(
+            "{} already has shadow storage ({}); delete that file to start over",
+            img.display(),
+            storage::binding_path(img).display()
+        );
+    }
+    let origin: Arc<dyn BlockDevice> =
+        Arc::from(volshadow_block::open_device(img, &Default::default())?);
+    let size = diff_file_size(maxsize, origin.len(), chunk_size);
+    let created = FileImage::create(diff, size)
+        .with_context(|| format!("creating shadow storage {}", diff.display()))?;
+    let diff_dev: Arc<dyn BlockDevice> = Arc::new(created);
+    let options = VolumeOptions {
+        chunk_size: chunk,
+        max_bytes: Some(maxsize),
+        policy: policy.policy(maxsize.max(origin.len())).unwrap_or_default(),
+        overwrite: false,
+        journal_half: None,
+    };
+    let vol = match Volume::create(origin, diff_dev, options) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = std::fs::remove_file(diff);
+            return Err(e.into());
+        }
+    };
+    storage::write_binding(img, diff, vol.id())?;
+    println!(
+        "Added shadow storage for {} on {} (maximum {}).",
+        img.display(),
+        diff.display(),
+        ops::human_size(maxsize)
+    );
+    print!("{}", ops::render_usage(&vol.usage()));
+    Ok(())
+}
+
+fn list_shadowstorage(volume: Option<PathBuf>, json: bool) -> Result<()> {
+    let images: Vec<PathBuf> = match volume {
+        Some(v) => vec![v],
+        None => std::fs::read_dir(".")?
+            .flatten()
+            .filter_map(|e| {
+                let p = e.path();
+                let name = p.file_name()?.to_str()?.to_owned();
+                name.strip_suffix(".vshadow").map(|img| p.with_file_name(img))
+            })
+            .collect(),
+    };
+    #[derive(serde::Serialize)]
+    struct Row {
+        volume: PathBuf,
+        shadow_storage: PathBuf,
+        usage: volshadow_cow::Usage,
+    }
+    let mut rows = Vec::new();
+    for img in images {
+        let (_, diff) = storage::read_binding(&img)?;
+        let (reply, _) = on_volume(&img, &Request::Usage, &[])?;
+        if let Reply::Usage { usage } = reply {
+            rows.push(Row {
+                volume: img,
+                shadow_storage: diff,
+                usage,
+            });
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else if rows.is_empty() {
+        println!("No shadow storage here.");
+    } else {
+        for r in rows {
+            println!(
+                "Shadow Storage association\n   For volume: {}\n   Shadow Storage volume: {}",
+                r.volume.display(),
+                r.shadow_storage.display()
+            );
+            print!("{}", ops::render_usage(&r.usage));
+        }
+    }
+    Ok(())
+}
+
+fn create_shadows(volumes: &[PathBuf], persistent: bool, json: bool) -> Result<()> {
+    if volumes.len() == 1 {
+        let req = Request::CreateShadow { persistent };
+        if !persistent
+            && control::call(&storage::control_path(&volumes[0]), &Request::ListShadows, &[])?
+                .is_none()
+        {
+            bail!(
+                "a non-persistent shadow copy lives only while `volshadow serve` holds the volume, and none does; use --persistent"
+            );
+        }
+        let (reply, _) = on_volume(&volumes[0], &req, &[])?;
+        return print_reply(&reply, json);
+    }
+    if !persistent {
+        bail!("shadow copy sets of several volumes are persistent");
+    }
+    // A set across volumes: every volume opened here, written all at once.
+    let vols: Vec<Volume> = volumes
+        .iter()
+        .map(|v| storage::open_volume(v).with_context(|| format!("opening {}", v.display())))
+        .collect::<Result<_>>()?;
+    let refs: Vec<&Volume> = vols.iter().collect();
+    let set = SnapshotSet::create(
+        &refs,
+        SnapshotOptions {
+            persistent: true,
+            attributes: volshadow_cow::attributes::CLIENT_ACCESSIBLE,
+            set_id: None,
+        },
+        volshadow_cow::DEFAULT_HOLD_TIMEOUT,
+    )?;
+    let shadows: Vec<ShadowRow> = set.snapshots.iter().map(ShadowRow::from).collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "set_id": set.id,
+                "shadows": shadows,
+            }))?
+        );
+    } else {
+        println!("Created shadow copy set {}.", set.id);
+        for (v, s) in volumes.iter().zip(&shadows) {
+            println!("  {}: {}", v.display(), s.id);
+        }
+    }
+    Ok(())
+}
+
+fn export(img: &Path, shadow: &str, output: &Path, since: Option<&str>, json: bool) -> Result<()> {
+    let vol = storage::open_volume(img)?;
+    let id = ops::resolve(&vol, shadow)?;
+    let view = vol.snapshot(id)?;
+    let len = view.len();
+    let extents: Vec<(u64, u64)> = match since {
+        Some(base) => {
+            let base = ops::resolve(&vol, base)?;
+            if !output.exists() {
+                bail!(
+                    "incremental export writes into an existing image; {} does not exist",
+                    output.display()
+                );
+            }
+            vol.changed_extents(base, Target::Snapshot(id))?
+                .into_iter()
+                .map(|e| (e.offset, e.len))
+                .collect()
+        }
+        None => vec![(0, len)],
+    };
+    let out = match since {
+        Some(_) => std::fs::OpenOptions::new().write(true).open(output),
+        None => std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(output),
+    }
+    .with_context(|| format!("opening {}", output.display()))?;
+    if out.metadata()?.len() != len {
+        if since.is_some() {
+            bail!(
+                "{} has {} bytes, the volume {}",
+                output.display(),
+                out.metadata()?.len(),
+                len
+            );
+        }
+        out.set_len(len)?;
+    }
+    let total: u64 = extents.iter().map(|e| e.1).sum();
+    let bar = progress(total, "exporting");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut written = 0u64;
+    for (off, elen) in extents {
+        let mut at = off;
+        while at < off + elen {
+            let n = (off + elen - at).min(buf.len() as u64) as usize;
+            view.read_at(&mut buf[..n], at)?;
+            // A full export skips zero runs: the output stays sparse.
+            if since.is_some() || buf[..n].iter().any(|&b| b != 0) {
+                write_at(&out, &buf[..n], at)?;
+                written += n as u64;
+            }
+            at += n as u64;
+            bar.inc(n as u64);
+        }
+    }
+    out.sync_all()?;
+    bar.finish_and_clear();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"shadow": id, "output": output, "bytes_written": written, "incremental": since.is_some()})
+        );
+    } else {
+        println!(
+            "Exported shadow copy {id} to {} ({} written{}).",
+            output.display(),
+            ops::human_size(written),
+            if since.is_some() { ", incremental" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn write_at(f: &std::fs::File, buf: &[u8], off: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(buf, off)
+}
+
+#[cfg(windows)]
+fn write_at(f: &std::fs::File, mut buf: &[u8], mut off: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        let n = f.seek_write(buf, off)?;
+        buf = &buf[n..];
+        off += n as u64;
+    }
+    Ok(())
+}
+
+fn serve(img: &Path, socket: Option<PathBuf>, listen: Option<String>) -> Result<()> {
+    let vol = storage::open_volume(img)?;
+    control::serve(&storage::control_path(img), vol.clone())?;
+    let exports: Arc<dyn volshadow_nbd::Exports> = Arc::new(exports::VolumeExports::new(vol));
+    let stop = Arc::new(AtomicBool::new(false));
+    #[cfg(unix)]
+    if let Some(path) = socket {
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        eprintln!(
+            "Serving {} on nbd+unix:///live?socket={} (shadow copies: export name = id).",
+            img.display(),
+            path.display()
+        );
+        volshadow_nbd::serve_unix(listener, exports, stop);
+        return Ok(());
+    }
+    #[cfg(not(unix))]
+    if socket.is_some() {
+        bail!("--socket needs a Unix system; use --listen");
+    }
+    let addr = listen.unwrap_or_else(|| "127.0.0.1:10809".to_string());
+    let listener =
+        std::net::TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
+    eprintln!(
+        "Serving {} on nbd://{}/live (shadow copies: export name = id).",
+        img.display(),
+        listener.local_addr()?
+    );
+    volshadow_nbd::serve_tcp(listener, exports, stop);
+    Ok(())
+}

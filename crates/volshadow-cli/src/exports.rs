@@ -1,0 +1,68 @@
+//! What `volshadow serve` offers over NBD: `live` (read-write, the default
+//! export) and every live shadow copy by id (read-only). Shadow copies made
+//! while serving appear at once.
+
+use std::sync::Arc;
+
+use volshadow_cow::{Target, Volume};
+use volshadow_nbd::{Export, Exports};
+
+use crate::ops::resolve;
+
+#[derive(Debug)]
+pub struct VolumeExports {
+    vol: Volume,
+}
+
+impl VolumeExports {
+    pub fn new(vol: Volume) -> Self {
+        VolumeExports { vol }
+    }
+}
+
+fn extents(vol: &Volume, from: uuid::Uuid, to: Target) -> Vec<(u64, u64)> {
+    vol.changed_extents(from, to)
+        .map(|v| v.into_iter().map(|e| (e.offset, e.len)).collect())
+        .unwrap_or_default()
+}
+
+impl Exports for VolumeExports {
+    fn names(&self) -> Vec<String> {
+        let mut names = vec!["live".to_string()];
+        names.extend(self.vol.snapshots().iter().map(|s| s.id.to_string()));
+        names
+    }
+
+    fn open(&self, name: &str) -> Option<Export> {
+        let snaps = self.vol.snapshots();
+        if name.is_empty() || name == "live" {
+            // Changed since the newest shadow copy.
+            let changed = snaps.last().map(|newest| {
+                let (vol, id) = (self.vol.clone(), newest.id);
+                Arc::new(move || extents(&vol, id, Target::Live))
+                    as Arc<dyn Fn() -> Vec<(u64, u64)> + Send + Sync>
+            });
+            return Some(Export {
+                name: "live".into(),
+                description: "live volume (read-write)".into(),
+                device: Arc::new(self.vol.clone()),
+                changed,
+            });
+        }
+        let id = resolve(&self.vol, name).ok()?;
+        let view = self.vol.snapshot(id).ok()?;
+        let pos = snaps.iter().position(|s| s.id == id)?;
+        // Changed between the previous shadow copy and this one.
+        let changed = pos.checked_sub(1).map(|p| {
+            let (vol, prev) = (self.vol.clone(), snaps[p].id);
+            Arc::new(move || extents(&vol, prev, Target::Snapshot(id)))
+                as Arc<dyn Fn() -> Vec<(u64, u64)> + Send + Sync>
+        });
+        Some(Export {
+            name: id.to_string(),
+            description: format!("shadow copy {id} (read-only)"),
+            device: Arc::new(view),
+            changed,
+        })
+    }
+}

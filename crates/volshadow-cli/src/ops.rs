@@ -1,0 +1,334 @@
+//! Operations on one volume, as data: the CLI carries them out in-process
+//! or sends them to the `serve` process that holds the volume.
+
+use std::time::UNIX_EPOCH;
+
+use anyhow::{Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use volshadow_block::BlockDevice;
+use volshadow_cow::{
+    Extent, FullPolicy, SnapshotInfo, SnapshotOptions, Target, Usage, VerifyReport, Volume,
+    attributes,
+};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    CreateShadow { persistent: bool },
+    ListShadows,
+    DeleteShadows { which: Which },
+    Diff { from: String, to: Option<String> },
+    Read { shadow: Option<String>, offset: u64, length: u64 },
+    Write { offset: u64, length: u64 },
+    Revert { shadow: String },
+    Verify,
+    Usage,
+    Resize { max_bytes: u64, policy: Option<FullPolicy> },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Which {
+    Id(String),
+    Oldest,
+    All,
+}
+
+/// One shadow copy, as listed (`--json` field names are stable).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShadowRow {
+    pub id: Uuid,
+    pub set_id: Option<Uuid>,
+    pub seq: u64,
+    /// Seconds since the Unix epoch.
+    pub created: f64,
+    pub persistent: bool,
+    pub attributes: Vec<String>,
+}
+
+impl From<&SnapshotInfo> for ShadowRow {
+    fn from(s: &SnapshotInfo) -> Self {
+        ShadowRow {
+            id: s.id,
+            set_id: s.set_id,
+            seq: s.seq,
+            created: s
+                .created
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+            persistent: s.persistent,
+            attributes: attributes::names(s.attributes)
+                .into_iter()
+                .map(String::from)
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Reply {
+    Shadows { shadows: Vec<ShadowRow> },
+    Created { shadow: ShadowRow },
+    Deleted { ids: Vec<Uuid> },
+    Extents { extents: Vec<Extent>, bytes: u64 },
+    Data { length: u64 },
+    Done,
+    Verify { report: VerifyReport },
+    Usage { usage: Usage },
+}
+
+/// Resolves a full id or a unique prefix among the live snapshots.
+pub fn resolve(vol: &Volume, id: &str) -> Result<Uuid> {
+    let id = id.trim().to_ascii_lowercase();
+    if id.is_empty() {
+        bail!("empty shadow copy id");
+    }
+    let matches: Vec<Uuid> = vol
+        .snapshots()
+        .iter()
+        .map(|s| s.id)
+        .filter(|u| u.to_string().starts_with(&id) || u.simple().to_string().starts_with(&id))
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok(*one),
+        [] => bail!("no shadow copy {id}"),
+        _ => bail!("{id} matches {} shadow copies; give more of the id", matches.len()),
+    }
+}
+
+/// Carries out `req` on `vol`. `payload` is the input of writes; the
+/// returned bytes are the output of reads.
+pub fn execute(vol: &Volume, req: &Request, payload: &[u8]) -> Result<(Reply, Vec<u8>)> {
+    Ok(match req {
+        Request::CreateShadow { persistent } => {
+            let info = vol.create_snapshot(SnapshotOptions {
+                persistent: *persistent,
+                attributes: if *persistent {
+                    attributes::CLIENT_ACCESSIBLE
+                } else {
+                    0
+                },
+                set_id: None,
+            })?;
+            (
+                Reply::Created {
+                    shadow: (&info).into(),
+                },
+                Vec::new(),
+            )
+        }
+        Request::ListShadows => (
+            Reply::Shadows {
+                shadows: vol.snapshots().iter().map(ShadowRow::from).collect(),
+            },
+            Vec::new(),
+        ),
+        Request::DeleteShadows { which } => {
+            let ids = match which {
+                Which::Id(id) => {
+                    let id = resolve(vol, id)?;
+                    vol.delete_snapshot(id)?;
+                    vec![id]
+                }
+                Which::Oldest => match vol.delete_oldest()? {
+                    Some(s) => vec![s.id],
+                    None => bail!("there are no shadow copies to delete"),
+                },
+                Which::All => {
+                    let mut ids = Vec::new();
+                    while let Some(s) = vol.delete_oldest()? {
+                        ids.push(s.id);
+                    }
+                    ids
+                }
+            };
+            (Reply::Deleted { ids }, Vec::new())
+        }
+        Request::Diff { from, to } => {
+            let from = resolve(vol, from)?;
+            let to = match to {
+                Some(t) => Target::Snapshot(resolve(vol, t)?),
+                None => Target::Live,
+            };
+            let extents = vol.changed_extents(from, to)?;
+            let bytes = extents.iter().map(|e| e.len).sum();
+            (Reply::Extents { extents, bytes }, Vec::new())
+        }
+        Request::Read {
+            shadow,
+            offset,
+            length,
+        } => {
+            let len = usize::try_from(*length).map_err(|_| anyhow!("length {length} too large"))?;
+            let mut buf = vec![0u8; len];
+            match shadow {
+                Some(id) => vol.snapshot(resolve(vol, id)?)?.read_at(&mut buf, *offset)?,
+                None => vol.read_at(&mut buf, *offset)?,
+            }
+            (Reply::Data { length: *length }, buf)
+        }
+        Request::Write { offset, length } => {
+            if payload.len() as u64 != *length {
+                bail!("write of {length} bytes got {} bytes of data", payload.len());
+            }
+            vol.write_at(payload, *offset)?;
+            vol.flush()?;
+            (Reply::Done, Vec::new())
+        }
+        Request::Revert { shadow } => {
+            vol.revert(resolve(vol, shadow)?)?;
+            (Reply::Done, Vec::new())
+        }
+        Request::Verify => (
+            Reply::Verify {
+                report: vol.verify()?,
+            },
+            Vec::new(),
+        ),
+        Request::Usage => (Reply::Usage { usage: vol.usage() }, Vec::new()),
+        Request::Resize { max_bytes, policy } => (
+            Reply::Usage {
+                usage: vol.resize(*max_bytes, *policy)?,
+            },
+            Vec::new(),
+        ),
+    })
+}
+
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn time(secs: f64) -> String {
+    // UTC, without a date crate: days since the epoch to a civil date.
+    let s = secs as i64;
+    let (days, rem) = (s.div_euclid(86_400), s.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Human-readable text of a reply (what `--json` replaces).
+pub fn render(reply: &Reply) -> String {
+    match reply {
+        Reply::Shadows { shadows } if shadows.is_empty() => "No shadow copies.\n".into(),
+        Reply::Shadows { shadows } => {
+            let mut out = String::new();
+            for s in shadows {
+                out += &render_shadow(s);
+            }
+            out
+        }
+        Reply::Created { shadow } => {
+            format!("Created shadow copy.\n{}", render_shadow(shadow))
+        }
+        Reply::Deleted { ids } => {
+            let mut out = format!("Deleted {} shadow cop{}.\n", ids.len(), if ids.len() == 1 { "y" } else { "ies" });
+            for id in ids {
+                out += &format!("  {id}\n");
+            }
+            out
+        }
+        Reply::Extents { extents, bytes } => {
+            let mut out = format!(
+                "{} changed extent(s), {} ({bytes} bytes)\n",
+                extents.len(),
+                human_size(*bytes)
+            );
+            for e in extents {
+                out += &format!("  offset {:>14}  length {:>12}\n", e.offset, e.len);
+            }
+            out
+        }
+        Reply::Data { .. } | Reply::Done => String::new(),
+        Reply::Verify { report } if report.mismatches.is_empty() => format!(
+            "Verified {} preserved chunk(s): all match their hashes.\n",
+            report.checked
+        ),
+        Reply::Verify { report } => {
+            let mut out = format!(
+                "Verified {} preserved chunk(s): {} DAMAGED.\n",
+                report.checked,
+                report.mismatches.len()
+            );
+            for m in &report.mismatches {
+                let ids: Vec<String> = m.snapshots.iter().map(Uuid::to_string).collect();
+                out += &format!(
+                    "  chunk {} (offset {}): read by {}\n",
+                    m.chunk,
+                    m.offset,
+                    ids.join(", ")
+                );
+            }
+            out
+        }
+        Reply::Usage { usage } => render_usage(usage),
+    }
+}
+
+fn render_shadow(s: &ShadowRow) -> String {
+    format!(
+        "Shadow copy ID: {}\n   Shadow copy set: {}\n   Sequence: {}\n   Created: {}\n   Type: {}\n   Attributes: {}\n",
+        s.id,
+        s.set_id.map_or_else(|| "-".to_string(), |u| u.to_string()),
+        s.seq,
+        time(s.created),
+        if s.persistent { "persistent" } else { "non-persistent (auto-release)" },
+        if s.attributes.is_empty() { "-".to_string() } else { s.attributes.join(", ") },
+    )
+}
+
+pub fn render_usage(u: &Usage) -> String {
+    let policy = match u.policy {
+        FullPolicy::DeleteOldest => "delete-oldest".to_string(),
+        FullPolicy::FailWrites => "fail-writes".to_string(),
+        FullPolicy::Grow { max } => format!("grow (up to {})", human_size(max)),
+    };
+    format!(
+        "   Used Shadow Storage space: {} ({:.0}%)\n   Maximum Shadow Storage space: {}\n   Capacity: {}\n   Chunk size: {}\n   Preserved chunks: {}\n   Shadow copies: {}\n   When full: {policy}\n",
+        human_size(u.used_bytes),
+        if u.max_bytes == 0 { 0.0 } else { u.used_bytes as f64 * 100.0 / u.max_bytes as f64 },
+        human_size(u.max_bytes),
+        human_size(u.capacity_bytes),
+        human_size(u.chunk_size as u64),
+        u.preserved_chunks,
+        u.snapshots
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_time() {
+        assert_eq!(time(0.0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(time(1_795_000_000.0), "2026-11-18 07:46:40 UTC");
+    }
+}
