@@ -4,15 +4,20 @@
 //! One request per connection: a JSON line, then `payload_len` raw bytes;
 //! the answer likewise (`{"ok": reply}` or `{"error": "..."}`).
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::Result;
+#[cfg(unix)]
+use anyhow::{anyhow, bail};
+#[cfg(unix)]
 use serde::{Deserialize, Serialize};
+#[cfg(unix)]
+use std::io::{BufRead, BufReader, Write};
 use volshadow_cow::Volume;
 
-use crate::ops::{Reply, Request, execute};
+use crate::ops::{Reply, Request};
 
+#[cfg(unix)]
 #[derive(Debug, Serialize, Deserialize)]
 struct Envelope<T> {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -23,8 +28,10 @@ struct Envelope<T> {
 }
 
 /// Largest payload accepted over the socket.
+#[cfg(unix)]
 const MAX_PAYLOAD: u64 = 1 << 30;
 
+#[cfg(unix)]
 fn send<T: Serialize>(w: &mut impl Write, env: &Envelope<T>, payload: &[u8]) -> Result<()> {
     let mut line = serde_json::to_vec(env)?;
     line.push(b'\n');
@@ -34,6 +41,7 @@ fn send<T: Serialize>(w: &mut impl Write, env: &Envelope<T>, payload: &[u8]) -> 
     Ok(())
 }
 
+#[cfg(unix)]
 fn receive<T: for<'de> Deserialize<'de>>(r: &mut impl BufRead) -> Result<(Envelope<T>, Vec<u8>)> {
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
@@ -85,7 +93,10 @@ pub fn call(_socket: &Path, _req: &Request, _payload: &[u8]) -> Result<Option<(R
 pub fn serve(socket: &Path, vol: Volume) -> Result<()> {
     use std::os::unix::net::{UnixListener, UnixStream};
     if UnixStream::connect(socket).is_ok() {
-        bail!("another server is already listening on {}", socket.display());
+        bail!(
+            "another server is already listening on {}",
+            socket.display()
+        );
     }
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)
@@ -115,7 +126,7 @@ fn handle(vol: &Volume, stream: &std::os::unix::net::UnixStream) -> Result<()> {
         bail!("request without an operation");
     };
     let mut w = stream;
-    match execute(vol, &req, &payload) {
+    match crate::ops::execute(vol, &req, &payload) {
         Ok((reply, data)) => send(
             &mut w,
             &Envelope {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use volshadow_cow::{Target, Volume};
-use volshadow_nbd::{Export, Exports};
+use volshadow_nbd::{ChangedFn, Export, Exports};
 
 use crate::ops::resolve;
 
@@ -39,8 +39,7 @@ impl Exports for VolumeExports {
             // Changed since the newest shadow copy.
             let changed = snaps.last().map(|newest| {
                 let (vol, id) = (self.vol.clone(), newest.id);
-                Arc::new(move || extents(&vol, id, Target::Live))
-                    as Arc<dyn Fn() -> Vec<(u64, u64)> + Send + Sync>
+                Arc::new(move || extents(&vol, id, Target::Live)) as ChangedFn
             });
             return Some(Export {
                 name: "live".into(),
@@ -55,8 +54,7 @@ impl Exports for VolumeExports {
         // Changed between the previous shadow copy and this one.
         let changed = pos.checked_sub(1).map(|p| {
             let (vol, prev) = (self.vol.clone(), snaps[p].id);
-            Arc::new(move || extents(&vol, prev, Target::Snapshot(id)))
-                as Arc<dyn Fn() -> Vec<(u64, u64)> + Send + Sync>
+            Arc::new(move || extents(&vol, prev, Target::Snapshot(id))) as ChangedFn
         });
         Some(Export {
             name: id.to_string(),

@@ -23,7 +23,11 @@ pub use ops::{Reply, Request, ShadowRow, Which};
 pub use storage::parse_size;
 
 #[derive(Debug, Parser)]
-#[command(name = "volshadow", version, about = "Point-in-time snapshots of block volumes (VSS-style)")]
+#[command(
+    name = "volshadow",
+    version,
+    about = "Point-in-time snapshots of block volumes (VSS-style)"
+)]
 struct Cli {
     /// Log what the engine does (-v info, -vv debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -269,7 +273,20 @@ fn parse_size_or_zero(s: &str) -> Result<u64, String> {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version: printed as clap formats them.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("volshadow: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     init_logging(cli.verbose);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -435,7 +452,9 @@ fn run(cmd: Command) -> Result<()> {
             };
             let (_, data) = on_volume(&volume, &req, &[])?;
             match output {
-                Some(p) => std::fs::write(&p, &data).with_context(|| format!("writing {}", p.display()))?,
+                Some(p) => {
+                    std::fs::write(&p, &data).with_context(|| format!("writing {}", p.display()))?
+                }
                 None => std::io::stdout().lock().write_all(&data)?,
             }
             Ok(())
@@ -457,7 +476,13 @@ fn run(cmd: Command) -> Result<()> {
             json,
         } => export(&volume, &shadow, &output, since.as_deref(), json),
         Command::Revert { volume, shadow } => {
-            on_volume(&volume, &Request::Revert { shadow: shadow.clone() }, &[])?;
+            on_volume(
+                &volume,
+                &Request::Revert {
+                    shadow: shadow.clone(),
+                },
+                &[],
+            )?;
             println!("Reverted {} to shadow copy {shadow}.", volume.display());
             Ok(())
         }
@@ -543,7 +568,8 @@ fn list_shadowstorage(volume: Option<PathBuf>, json: bool) -> Result<()> {
             .filter_map(|e| {
                 let p = e.path();
                 let name = p.file_name()?.to_str()?.to_owned();
-                name.strip_suffix(".vshadow").map(|img| p.with_file_name(img))
+                name.strip_suffix(".vshadow")
+                    .map(|img| p.with_file_name(img))
             })
             .collect(),
     };
@@ -586,8 +612,12 @@ fn create_shadows(volumes: &[PathBuf], persistent: bool, json: bool) -> Result<(
     if volumes.len() == 1 {
         let req = Request::CreateShadow { persistent };
         if !persistent
-            && control::call(&storage::control_path(&volumes[0]), &Request::ListShadows, &[])?
-                .is_none()
+            && control::call(
+                &storage::control_path(&volumes[0]),
+                &Request::ListShadows,
+                &[],
+            )?
+            .is_none()
         {
             bail!(
                 "a non-persistent shadow copy lives only while `volshadow serve` holds the volume, and none does; use --persistent"

@@ -15,16 +15,35 @@ use volshadow_cow::{
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
-    CreateShadow { persistent: bool },
+    CreateShadow {
+        persistent: bool,
+    },
     ListShadows,
-    DeleteShadows { which: Which },
-    Diff { from: String, to: Option<String> },
-    Read { shadow: Option<String>, offset: u64, length: u64 },
-    Write { offset: u64, length: u64 },
-    Revert { shadow: String },
+    DeleteShadows {
+        which: Which,
+    },
+    Diff {
+        from: String,
+        to: Option<String>,
+    },
+    Read {
+        shadow: Option<String>,
+        offset: u64,
+        length: u64,
+    },
+    Write {
+        offset: u64,
+        length: u64,
+    },
+    Revert {
+        shadow: String,
+    },
     Verify,
     Usage,
-    Resize { max_bytes: u64, policy: Option<FullPolicy> },
+    Resize {
+        max_bytes: u64,
+        policy: Option<FullPolicy>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,7 +114,10 @@ pub fn resolve(vol: &Volume, id: &str) -> Result<Uuid> {
     match matches.as_slice() {
         [one] => Ok(*one),
         [] => bail!("no shadow copy {id}"),
-        _ => bail!("{id} matches {} shadow copies; give more of the id", matches.len()),
+        _ => bail!(
+            "{id} matches {} shadow copies; give more of the id",
+            matches.len()
+        ),
     }
 }
 
@@ -165,14 +187,19 @@ pub fn execute(vol: &Volume, req: &Request, payload: &[u8]) -> Result<(Reply, Ve
             let len = usize::try_from(*length).map_err(|_| anyhow!("length {length} too large"))?;
             let mut buf = vec![0u8; len];
             match shadow {
-                Some(id) => vol.snapshot(resolve(vol, id)?)?.read_at(&mut buf, *offset)?,
+                Some(id) => vol
+                    .snapshot(resolve(vol, id)?)?
+                    .read_at(&mut buf, *offset)?,
                 None => vol.read_at(&mut buf, *offset)?,
             }
             (Reply::Data { length: *length }, buf)
         }
         Request::Write { offset, length } => {
             if payload.len() as u64 != *length {
-                bail!("write of {length} bytes got {} bytes of data", payload.len());
+                bail!(
+                    "write of {length} bytes got {} bytes of data",
+                    payload.len()
+                );
             }
             vol.write_at(payload, *offset)?;
             vol.flush()?;
@@ -249,7 +276,11 @@ pub fn render(reply: &Reply) -> String {
             format!("Created shadow copy.\n{}", render_shadow(shadow))
         }
         Reply::Deleted { ids } => {
-            let mut out = format!("Deleted {} shadow cop{}.\n", ids.len(), if ids.len() == 1 { "y" } else { "ies" });
+            let mut out = format!(
+                "Deleted {} shadow cop{}.\n",
+                ids.len(),
+                if ids.len() == 1 { "y" } else { "ies" }
+            );
             for id in ids {
                 out += &format!("  {id}\n");
             }
@@ -299,8 +330,16 @@ fn render_shadow(s: &ShadowRow) -> String {
         s.set_id.map_or_else(|| "-".to_string(), |u| u.to_string()),
         s.seq,
         time(s.created),
-        if s.persistent { "persistent" } else { "non-persistent (auto-release)" },
-        if s.attributes.is_empty() { "-".to_string() } else { s.attributes.join(", ") },
+        if s.persistent {
+            "persistent"
+        } else {
+            "non-persistent (auto-release)"
+        },
+        if s.attributes.is_empty() {
+            "-".to_string()
+        } else {
+            s.attributes.join(", ")
+        },
     )
 }
 
@@ -313,7 +352,11 @@ pub fn render_usage(u: &Usage) -> String {
     format!(
         "   Used Shadow Storage space: {} ({:.0}%)\n   Maximum Shadow Storage space: {}\n   Capacity: {}\n   Chunk size: {}\n   Preserved chunks: {}\n   Shadow copies: {}\n   When full: {policy}\n",
         human_size(u.used_bytes),
-        if u.max_bytes == 0 { 0.0 } else { u.used_bytes as f64 * 100.0 / u.max_bytes as f64 },
+        if u.max_bytes == 0 {
+            0.0
+        } else {
+            u.used_bytes as f64 * 100.0 / u.max_bytes as f64
+        },
         human_size(u.max_bytes),
         human_size(u.capacity_bytes),
         human_size(u.chunk_size as u64),
@@ -329,6 +372,7 @@ mod tests {
     #[test]
     fn civil_time() {
         assert_eq!(time(0.0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(time(1_795_000_000.0), "2026-11-18 07:46:40 UTC");
+        assert_eq!(time(1_795_000_000.0), "2026-11-18 11:06:40 UTC");
+        assert_eq!(time(951_782_400.0), "2000-02-29 00:00:00 UTC");
     }
 }

@@ -24,7 +24,8 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
             d
         }
         None => {
-            let base = std::env::temp_dir().join(format!("volshadow-quickstart-{}", std::process::id()));
+            let base =
+                std::env::temp_dir().join(format!("volshadow-quickstart-{}", std::process::id()));
             std::fs::create_dir_all(&base)?;
             base
         }
@@ -38,7 +39,10 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     }
     println!("volshadow quickstart in {}", dir.display());
 
-    step("Create a 64 MiB sparse disk image", "volshadow image create disk.img --size 64M");
+    step(
+        "Create a 64 MiB sparse disk image",
+        "volshadow image create disk.img --size 64M",
+    );
     let origin = Arc::new(FileImage::create(&img, SIZE)?);
 
     step(
@@ -56,24 +60,41 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     )?;
     crate::storage::write_binding(&img, &diff, vol.id())?;
 
-    step("Write 8 MiB of data", "volshadow write --for disk.img --offset 0 --input data.bin");
+    step(
+        "Write 8 MiB of data",
+        "volshadow write --for disk.img --offset 0 --input data.bin",
+    );
     let original: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
     vol.write_at(&original, 0)?;
     vol.flush()?;
 
-    step("Take a persistent shadow copy", "volshadow create shadow --for disk.img --persistent");
+    step(
+        "Take a persistent shadow copy",
+        "volshadow create shadow --for disk.img --persistent",
+    );
     let snap = vol.create_snapshot(SnapshotOptions {
         persistent: true,
         attributes: attributes::CLIENT_ACCESSIBLE,
         set_id: None,
     })?;
-    print!("{}", ops::render(&Reply::Created { shadow: (&snap).into() }));
+    print!(
+        "{}",
+        ops::render(&Reply::Created {
+            shadow: (&snap).into()
+        })
+    );
 
-    step("Overwrite 1 MiB in the middle", "volshadow write --for disk.img --offset 3M --input new.bin");
+    step(
+        "Overwrite 1 MiB in the middle",
+        "volshadow write --for disk.img --offset 3M --input new.bin",
+    );
     vol.write_at(&vec![0xEE; 1 << 20], 3 << 20)?;
     vol.flush()?;
 
-    step("A second shadow copy", "volshadow create shadow --for disk.img --persistent");
+    step(
+        "A second shadow copy",
+        "volshadow create shadow --for disk.img --persistent",
+    );
     let snap2 = vol.create_snapshot(SnapshotOptions {
         persistent: true,
         ..Default::default()
@@ -81,21 +102,37 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     vol.write_at(&[0x11; 4096], 10 << 20)?;
     vol.flush()?;
 
-    step("List the shadow copies", "volshadow list shadows --for disk.img");
+    step(
+        "List the shadow copies",
+        "volshadow list shadows --for disk.img",
+    );
     let rows: Vec<ShadowRow> = vol.snapshots().iter().map(ShadowRow::from).collect();
     print!("{}", ops::render(&Reply::Shadows { shadows: rows }));
 
     step(
         "What changed between the two shadow copies",
-        &format!("volshadow diff --for disk.img --from {} --to {}", short(snap.id), short(snap2.id)),
+        &format!(
+            "volshadow diff --for disk.img --from {} --to {}",
+            short(snap.id),
+            short(snap2.id)
+        ),
     );
     let ext = vol.changed_extents(snap.id, Target::Snapshot(snap2.id))?;
     let bytes = ext.iter().map(|e| e.len).sum();
-    print!("{}", ops::render(&Reply::Extents { extents: ext, bytes }));
+    print!(
+        "{}",
+        ops::render(&Reply::Extents {
+            extents: ext,
+            bytes
+        })
+    );
 
     step(
         "The first shadow copy still reads the old bytes",
-        &format!("volshadow read --for disk.img --shadow {} --offset 3M --length 16", short(snap.id)),
+        &format!(
+            "volshadow read --for disk.img --shadow {} --offset 3M --length 16",
+            short(snap.id)
+        ),
     );
     let view = vol.snapshot(snap.id)?;
     let mut old = vec![0u8; CHUNK];
@@ -111,7 +148,10 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     }
     println!("   all 8 MiB of the shadow copy match what was written before it: OK");
 
-    step("Verify every preserved chunk", "volshadow verify --for disk.img");
+    step(
+        "Verify every preserved chunk",
+        "volshadow verify --for disk.img",
+    );
     let report = vol.verify()?;
     print!("{}", ops::render(&Reply::Verify { report }));
     print!("{}", ops::render_usage(&vol.usage()));
@@ -119,9 +159,15 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     drop(vol);
 
     println!("\n== Serve it over NBD (live read-write, shadow copies read-only):");
-    println!("   $ cd {} && volshadow serve --for disk.img --listen 127.0.0.1:10809", dir.display());
+    println!(
+        "   $ cd {} && volshadow serve --for disk.img --listen 127.0.0.1:10809",
+        dir.display()
+    );
     println!("   $ nbdinfo --list nbd://127.0.0.1:10809");
-    println!("   $ qemu-img convert -O raw nbd://127.0.0.1:10809/{} old.raw", snap.id);
+    println!(
+        "   $ qemu-img convert -O raw nbd://127.0.0.1:10809/{} old.raw",
+        snap.id
+    );
     println!("\nFiles: {} and {}", img.display(), diff.display());
     crate::storage::read_binding(&img).context("binding written")?;
     Ok(())
@@ -132,5 +178,8 @@ fn short(id: uuid::Uuid) -> String {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

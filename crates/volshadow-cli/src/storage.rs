@@ -46,7 +46,11 @@ pub fn read_binding(img: &Path) -> Result<(Binding, PathBuf)> {
     let b: Binding = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a valid shadow-storage binding", path.display()))?;
     if b.version != 1 {
-        bail!("{}: binding version {} is not supported", path.display(), b.version);
+        bail!(
+            "{}: binding version {} is not supported",
+            path.display(),
+            b.version
+        );
     }
     let dir = path.parent().unwrap_or(Path::new("."));
     let diff = dir.join(&b.diff);
@@ -106,7 +110,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 'M' => 1 << 20,
                 'G' => 1 << 30,
                 'T' => 1 << 40,
-                _ => return Err(format!("unknown size suffix {c:?} in {s:?} (use K, M, G, T)")),
+                _ => {
+                    return Err(format!(
+                        "unknown size suffix {c:?} in {s:?} (use K, M, G, T)"
+                    ));
+                }
             };
             (&s[..i], m)
         }

@@ -584,6 +584,12 @@ fn allocated_extents_report_holes_of_the_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let origin =
         Arc::new(volshadow_block::FileImage::create(dir.path().join("o"), 4 << 20).unwrap());
+    // Where the file system cannot report holes (Windows, for now), every
+    // range counts as data and there is nothing to check.
+    if origin.allocation(0, 4096).unwrap().is_none() {
+        eprintln!("SKIP: this platform reports no allocation map for files");
+        return;
+    }
     let diff = Arc::new(MemDevice::new(8 << 20));
     let vol = Volume::create(origin, diff, VolumeOptions::default()).unwrap();
     vol.write_at(&[1u8; 4096], 1 << 20).unwrap();

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::{info, warn};
 
-pub use server::{ConnectionError, Export, Exports, serve_connection};
+pub use server::{ChangedFn, ConnectionError, Export, Exports, serve_connection};
 
 /// Accepts TCP clients until `stop` is set, one thread each.
 pub fn serve_tcp(listener: TcpListener, exports: Arc<dyn Exports>, stop: Arc<AtomicBool>) {
@@ -27,9 +27,14 @@ pub fn serve_tcp(listener: TcpListener, exports: Arc<dyn Exports>, stop: Arc<Ato
         let Ok(stream) = stream else { continue };
         let _ = stream.set_nodelay(true);
         let exports = exports.clone();
-        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         std::thread::spawn(move || {
-            let Ok(reader) = stream.try_clone() else { return };
+            let Ok(reader) = stream.try_clone() else {
+                return;
+            };
             match serve_connection(&*exports, reader, &stream) {
                 Ok(()) => info!(%peer, "NBD client left"),
                 Err(e) => warn!(%peer, error = %e, "NBD connection closed"),
@@ -52,7 +57,9 @@ pub fn serve_unix(
         let Ok(stream) = stream else { continue };
         let exports = exports.clone();
         std::thread::spawn(move || {
-            let Ok(reader) = stream.try_clone() else { return };
+            let Ok(reader) = stream.try_clone() else {
+                return;
+            };
             if let Err(e) = serve_connection(&*exports, reader, &stream) {
                 warn!(error = %e, "NBD connection closed");
             }

@@ -151,7 +151,9 @@ pub fn parse_info(b: &[u8]) -> Option<InfoRequest> {
     if b.len() != at + 2 + 2 * count {
         return None;
     }
-    let infos = (0..count).map(|i| u16_at(b, at + 2 + 2 * i)).collect::<Option<_>>()?;
+    let infos = (0..count)
+        .map(|i| u16_at(b, at + 2 + 2 * i))
+        .collect::<Option<_>>()?;
     Some(InfoRequest { name, infos })
 }
 
@@ -194,7 +196,10 @@ mod tests {
         b.extend_from_slice(&4096u64.to_be_bytes());
         b.extend_from_slice(&512u32.to_be_bytes());
         let r = Request::parse(&b).unwrap();
-        assert_eq!((r.flags, r.kind, r.cookie, r.offset, r.length), (1, 1, 7, 4096, 512));
+        assert_eq!(
+            (r.flags, r.kind, r.cookie, r.offset, r.length),
+            (1, 1, 7, 4096, 512)
+        );
         assert_eq!(Request::parse(&b[..27]), Err(ParseError::Short));
         b[0] = 0;
         assert!(matches!(Request::parse(&b), Err(ParseError::BadMagic(_))));

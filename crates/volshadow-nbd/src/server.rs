@@ -10,6 +10,9 @@ use volshadow_block::{BlockDevice, Extent};
 
 use crate::proto::*;
 
+/// Produces the changed extents `(offset, len)` of an export, sorted.
+pub type ChangedFn = Arc<dyn Fn() -> Vec<(u64, u64)> + Send + Sync>;
+
 /// One export: a device and, optionally, its changed extents.
 #[derive(Clone)]
 pub struct Export {
@@ -18,7 +21,7 @@ pub struct Export {
     pub device: Arc<dyn BlockDevice>,
     /// Extents changed since the export's base (the previous snapshot, or
     /// the newest one for the live volume): the `volshadow:changed` context.
-    pub changed: Option<Arc<dyn Fn() -> Vec<(u64, u64)> + Send + Sync>>,
+    pub changed: Option<ChangedFn>,
 }
 
 impl std::fmt::Debug for Export {
@@ -389,8 +392,8 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                     } else if !in_range {
                         self.error(&req, EINVAL, "range past the end")?;
                     } else {
-                        let zero_write = req.kind == CMD_WRITE_ZEROES
-                            && req.flags & CMD_FLAG_NO_HOLE != 0;
+                        let zero_write =
+                            req.kind == CMD_WRITE_ZEROES && req.flags & CMD_FLAG_NO_HOLE != 0;
                         let r = if zero_write {
                             write_zeros(&*dev, req.offset, req.length as u64)
                         } else {

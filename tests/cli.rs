@@ -1,0 +1,303 @@
+//! The command line as a new user drives it, against the built binary.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn full_scenario() {
+    let dir = volume("8M");
+    let d = dir.path();
+    let a = pattern(8 << 20, 1);
+    write_file(d, "a.bin", &a);
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "a.bin",
+        ],
+    );
+    let s1 = json(
+        d,
+        &[
+            "create",
+            "shadow",
+            "--for",
+            "disk.img",
+            "--persistent",
+            "--json",
+        ],
+    );
+    let s1 = s1["shadow"]["id"].as_str().unwrap().to_string();
+    // Overwrite 100 KiB at 1 MiB + 5.
+    let b = pattern(100 << 10, 99);
+    write_file(d, "b.bin", &b);
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "1048581", "--input", "b.bin",
+        ],
+    );
+    let mut v2 = a.clone();
+    v2[1_048_581..1_048_581 + b.len()].copy_from_slice(&b);
+    vs(d, &["create", "shadow", "--for", "disk.img"]);
+    let ids = shadow_ids(d, "disk.img");
+    assert_eq!(ids.len(), 2);
+    let s2 = ids[1].clone();
+    // Third write, third snapshot.
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "4M", "--input", "b.bin",
+        ],
+    );
+    let mut v3 = v2.clone();
+    v3[4 << 20..(4 << 20) + b.len()].copy_from_slice(&b);
+    vs(d, &["create", "shadow", "--for", "disk.img"]);
+    let s3 = shadow_ids(d, "disk.img")[2].clone();
+
+    // Old and new bytes; ids by unique prefix.
+    let old = vs_raw(
+        d,
+        &[
+            "read",
+            "--for",
+            "disk.img",
+            "--shadow",
+            &s1[..8],
+            "--offset",
+            "1048576",
+            "--length",
+            "4096",
+        ],
+    );
+    assert_eq!(old.stdout, a[1 << 20..(1 << 20) + 4096]);
+    let new = vs_raw(
+        d,
+        &[
+            "read", "--for", "disk.img", "--offset", "1048576", "--length", "4096",
+        ],
+    );
+    assert_eq!(new.stdout, v3[1 << 20..(1 << 20) + 4096]);
+
+    // Diff: chunks 64..=70 (16 KiB chunks) between s1 and s2.
+    let diff = json(
+        d,
+        &[
+            "diff", "--for", "disk.img", "--from", &s1, "--to", &s2, "--json",
+        ],
+    );
+    assert_eq!(diff["extents"][0]["offset"], 1 << 20);
+    assert_eq!(diff["bytes"], 7 * 16384);
+    // Delete the middle one; diff across it still exact.
+    vs(
+        d,
+        &["delete", "shadows", "--for", "disk.img", "--shadow", &s2],
+    );
+    let across = json(
+        d,
+        &[
+            "diff", "--for", "disk.img", "--from", &s1, "--to", &s3, "--json",
+        ],
+    );
+    let exts = across["extents"].as_array().unwrap();
+    assert_eq!(exts.len(), 2, "{across}");
+    assert_eq!(exts[1]["offset"], 4 << 20);
+
+    // Export full s1 and s3, then incremental s1 -> s3 into a copy of s1.
+    vs(
+        d,
+        &[
+            "export", "--for", "disk.img", "--shadow", &s1, "--output", "s1.raw",
+        ],
+    );
+    assert_eq!(std::fs::read(d.join("s1.raw")).unwrap(), a);
+    vs(
+        d,
+        &[
+            "export", "--for", "disk.img", "--shadow", &s3, "--output", "s3.raw",
+        ],
+    );
+    std::fs::copy(d.join("s1.raw"), d.join("inc.raw")).unwrap();
+    let inc = json(
+        d,
+        &[
+            "export", "--for", "disk.img", "--shadow", &s3, "--output", "inc.raw", "--since", &s1,
+            "--json",
+        ],
+    );
+    assert!(inc["bytes_written"].as_u64().unwrap() < 1 << 20, "{inc}");
+    run(
+        "cmp",
+        &[
+            d.join("inc.raw").to_str().unwrap(),
+            d.join("s3.raw").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(std::fs::read(d.join("s3.raw")).unwrap(), v3);
+
+    // Revert to s1: the live volume reads as s1; s3 still reads as before.
+    vs(d, &["revert", "--for", "disk.img", "--shadow", &s1]);
+    let live = vs_raw(
+        d,
+        &[
+            "read", "--for", "disk.img", "--offset", "0", "--length", "8M",
+        ],
+    );
+    assert!(live.stdout == a);
+    let s3_now = vs_raw(
+        d,
+        &[
+            "read", "--for", "disk.img", "--shadow", &s3, "--offset", "0", "--length", "8M",
+        ],
+    );
+    assert!(s3_now.stdout == v3);
+
+    let v = json(d, &["verify", "--for", "disk.img", "--json"]);
+    assert!(v["report"]["mismatches"].as_array().unwrap().is_empty());
+    let st = json(d, &["list", "shadowstorage", "--for", "disk.img", "--json"]);
+    assert_eq!(st[0]["usage"]["snapshots"], 2);
+    vs(d, &["delete", "shadows", "--for", "disk.img", "--all"]);
+    assert!(shadow_ids(d, "disk.img").is_empty());
+}
+
+#[test]
+fn moving_image_and_storage_together_keeps_them_paired() {
+    let dir = volume("4M");
+    let d = dir.path();
+    vs(d, &["create", "shadow", "--for", "disk.img"]);
+    let moved = d.join("moved");
+    std::fs::create_dir(&moved).unwrap();
+    for f in ["disk.img", "disk.img.vshadow", "disk.diff"] {
+        std::fs::rename(d.join(f), moved.join(f)).unwrap();
+    }
+    assert_eq!(shadow_ids(&moved, "disk.img").len(), 1);
+}
+
+#[test]
+fn bad_input_is_one_clear_line_and_changes_nothing() {
+    let dir = volume("4M");
+    let d = dir.path();
+    vs(d, &["create", "shadow", "--for", "disk.img"]);
+    let before = std::fs::read(d.join("disk.diff")).unwrap();
+    for (args, needle) in [
+        (
+            vec![
+                "read", "--for", "disk.img", "--offset", "4M", "--length", "1",
+            ],
+            "outside",
+        ),
+        (
+            vec!["list", "shadows", "--for", "nope.img"],
+            "no shadow storage",
+        ),
+        (
+            vec![
+                "delete", "shadows", "--for", "disk.img", "--shadow", "ffffffff",
+            ],
+            "no shadow copy",
+        ),
+        (
+            vec!["image", "create", "x.img", "--size", "12Q"],
+            "unknown size suffix",
+        ),
+        (
+            vec!["revert", "--for", "disk.img", "--shadow", "0000"],
+            "no shadow copy",
+        ),
+        (
+            vec![
+                "resize",
+                "shadowstorage",
+                "--for",
+                "disk.img",
+                "--maxsize",
+                "1T",
+            ],
+            "capacity",
+        ),
+    ] {
+        let out = vs_raw(d, &args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    }
+    // A corrupt diff area is reported, not used.
+    let mut bad = before.clone();
+    bad[16..24].fill(0xff);
+    bad[4096 + 16..4096 + 24].fill(0xff);
+    std::fs::write(d.join("disk.diff"), &bad).unwrap();
+    let out = vs_raw(d, &["list", "shadows", "--for", "disk.img"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a volshadow diff area"));
+    assert_eq!(std::fs::read(d.join("disk.diff")).unwrap(), bad);
+}
+
+#[test]
+fn shadow_copy_sets_across_volumes() {
+    let dir = volume("4M");
+    let d = dir.path();
+    vs(d, &["image", "create", "two.img", "--size", "4M"]);
+    vs(
+        d,
+        &[
+            "add",
+            "shadowstorage",
+            "--for",
+            "two.img",
+            "--on",
+            "two.diff",
+            "--maxsize",
+            "8M",
+            "--on-full",
+            "fail-writes",
+        ],
+    );
+    let set = json(
+        d,
+        &[
+            "create", "shadow", "--for", "disk.img", "--for", "two.img", "--json",
+        ],
+    );
+    let set_id = set["set_id"].as_str().unwrap();
+    for img in ["disk.img", "two.img"] {
+        let s = json(d, &["list", "shadows", "--for", img, "--json"]);
+        assert_eq!(s["shadows"][0]["set_id"], set_id);
+    }
+}
+
+#[test]
+fn quickstart_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = vs(dir.path(), &["quickstart", "--dir", "qs"]);
+    assert!(
+        out.contains("match what was written before it: OK"),
+        "{out}"
+    );
+    assert!(out.contains("all match their hashes"), "{out}");
+    // What it made is a real volume the other verbs can use.
+    assert_eq!(shadow_ids(&dir.path().join("qs"), "disk.img").len(), 2);
+}
+
+#[test]
+fn second_writer_gets_in_use() {
+    let dir = volume("4M");
+    let d = dir.path();
+    // Hold the diff area's lock the way a second process would see it.
+    let held = volshadow::block::FileImage::open(d.join("disk.img")).unwrap();
+    let out = vs_raw(d, &["list", "shadows", "--for", "disk.img"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(held);
+}
