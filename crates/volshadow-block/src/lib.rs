@@ -17,6 +17,7 @@
 mod align;
 mod error;
 mod file;
+mod fsops;
 mod mem;
 mod open;
 mod raw;
@@ -30,6 +31,7 @@ mod faulty;
 
 pub use error::{Error, Op, Result};
 pub use file::FileImage;
+pub use fsops::{freeze_filesystem, reflink_file, thaw_filesystem};
 pub use mem::MemDevice;
 pub use open::{DeviceKind, OpenOptions, device_kind, open_device};
 pub use raw::RawVolume;

@@ -7,6 +7,7 @@ mod exports;
 mod ops;
 mod quickstart;
 mod storage;
+mod vss;
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -139,6 +140,21 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Run a VSS backup: writers, providers and volumes from a TOML config.
+    Backup {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Restore from a backup components document.
+    Restore {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        document: PathBuf,
+        /// Only these components (`logical_path\name`); default all.
+        #[arg(long)]
+        component: Vec<String>,
+    },
     /// Show the whole idea on a small image in under a minute.
     Quickstart {
         /// Where to put the files (default: a new directory under the
@@ -226,6 +242,16 @@ enum ListWhat {
     Shadowstorage {
         #[arg(long = "for", value_name = "IMG")]
         volume: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    Writers {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    Providers {
         #[arg(long)]
         json: bool,
     },
@@ -388,6 +414,8 @@ fn run(cmd: Command) -> Result<()> {
                 print_reply(&reply, json)
             }
             ListWhat::Shadowstorage { volume, json } => list_shadowstorage(volume, json),
+            ListWhat::Writers { config, json } => vss::list_writers(&config, json),
+            ListWhat::Providers { json } => vss::list_providers(json),
         },
         Command::Create {
             what:
@@ -502,6 +530,12 @@ fn run(cmd: Command) -> Result<()> {
             listen,
         } => serve(&volume, socket, listen),
         Command::Quickstart { dir } => quickstart::run(dir),
+        Command::Backup { config } => vss::backup(&config).map(|_| ()),
+        Command::Restore {
+            config,
+            document,
+            component,
+        } => vss::restore(&config, &document, &component),
     }
 }
 

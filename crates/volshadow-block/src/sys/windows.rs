@@ -238,6 +238,22 @@ pub(crate) fn allocation(
     Ok(None)
 }
 
+/// File-system freeze is a Linux ioctl; VSS writers do this on Windows.
+pub(crate) fn fs_freeze(_mount: &Path, _freeze: bool) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "FIFREEZE is Linux only",
+    ))
+}
+
+/// Block cloning (`FSCTL_DUPLICATE_EXTENTS_TO_FILE`) is not wired up yet.
+pub(crate) fn reflink(_src: &File, _dst: &File) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "reflink copies are Linux only for now",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

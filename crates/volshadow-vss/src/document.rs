@@ -1,0 +1,120 @@
+//! The backup components document: what a backup made, kept for restore.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::provider::SnapshotRef;
+use crate::writer::{RestoreMethod, WriterMetadata};
+
+/// Format of the document; readers refuse newer ones.
+pub const DOCUMENT_VERSION: u32 = 1;
+
+/// VSS snapshot contexts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Context {
+    /// Non-persistent, auto-release, with writers.
+    #[default]
+    Backup,
+    /// Non-persistent, no writers.
+    FileShare,
+    /// Persistent, with writers.
+    AppRollback,
+    /// Persistent, no writers.
+    NasRollback,
+    /// Persistent, no writers, visible to users.
+    ClientAccessible,
+}
+
+impl Context {
+    pub fn persistent(self) -> bool {
+        matches!(
+            self,
+            Context::AppRollback | Context::NasRollback | Context::ClientAccessible
+        )
+    }
+
+    pub fn with_writers(self) -> bool {
+        matches!(self, Context::Backup | Context::AppRollback)
+    }
+
+    /// VSS attribute bits of snapshots made in this context.
+    pub fn attributes(self) -> u32 {
+        use volshadow_cow::attributes::*;
+        match self {
+            Context::Backup => 0,
+            Context::FileShare => NO_WRITERS | FILE_SHARE,
+            Context::AppRollback => PERSISTENT | NO_AUTO_RELEASE,
+            Context::NasRollback => PERSISTENT | NO_AUTO_RELEASE | NO_WRITERS,
+            Context::ClientAccessible => {
+                PERSISTENT | NO_AUTO_RELEASE | NO_WRITERS | CLIENT_ACCESSIBLE
+            }
+        }
+    }
+}
+
+/// VSS backup types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackupType {
+    #[default]
+    Full,
+    Incremental,
+    Differential,
+    Copy,
+    Log,
+}
+
+/// One selected component and how its backup and restore went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentEntry {
+    pub writer_id: Uuid,
+    pub full_path: String,
+    pub volumes: Vec<PathBuf>,
+    pub restore_method: RestoreMethod,
+    pub backup_succeeded: bool,
+    /// Set by a restore.
+    pub restore_succeeded: Option<bool>,
+}
+
+/// Changed-block tracking base of an incremental or differential backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CbtBase {
+    pub volume: PathBuf,
+    pub snapshot_id: Uuid,
+}
+
+/// The backup components document (serde JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupDocument {
+    pub version: u32,
+    pub context: Context,
+    pub backup_type: BackupType,
+    pub set_id: Uuid,
+    /// Seconds since the Unix epoch.
+    pub time: f64,
+    pub writers: Vec<WriterMetadata>,
+    pub components: Vec<ComponentEntry>,
+    pub snapshots: Vec<SnapshotRef>,
+    pub cbt_base: Vec<CbtBase>,
+}
+
+impl BackupDocument {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let doc: BackupDocument =
+            serde_json::from_str(text).map_err(|e| format!("not a backup document: {e}"))?;
+        if doc.version > DOCUMENT_VERSION {
+            return Err(format!(
+                "backup document version {} is newer than this build reads ({DOCUMENT_VERSION})",
+                doc.version
+            ));
+        }
+        Ok(doc)
+    }
+}
