@@ -35,6 +35,12 @@ impl VersionIndex {
             .find_map(|(&tag, m)| m.get(&chunk).map(|&slot| (tag, slot)))
     }
 
+    pub(crate) fn contains(&self, chunk: u32, tag: u64) -> bool {
+        self.by_tag
+            .get(&tag)
+            .is_some_and(|m| m.contains_key(&chunk))
+    }
+
     /// Adds a version; false (and no change) if `(chunk, tag)` exists.
     pub(crate) fn insert(&mut self, chunk: u32, tag: u64, slot: u32) -> bool {
         let m = self.by_tag.entry(tag).or_default();

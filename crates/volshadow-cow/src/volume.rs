@@ -1111,6 +1111,20 @@ impl Inner {
     /// before the origin is overwritten (some persistent snapshot may read
     /// it): a flush then covers the journal up to `seq` of `epoch`.
     fn preserve(&self, c: u64) -> Result<Option<(u64, u64)>> {
+        // Already copied for the newest snapshot: an earlier write preserved
+        // the chunk but failed before marking it (another chunk of its
+        // request failed). Copying again would journal a duplicate; only
+        // its durability is still owed.
+        {
+            let st = self.state_read();
+            if let Some(tag) = st.newest()
+                && st.index.contains(c as u32, tag)
+            {
+                return Ok(st
+                    .any_persistent()
+                    .then(|| (st.journal.epoch(), st.journal.next_seq())));
+            }
+        }
         let (off, len) = self.geo.chunk_range(c);
         let mut buf = vec![0u8; self.geo.chunk as usize];
         self.origin.read_at(&mut buf[..len], off)?;
@@ -1134,6 +1148,12 @@ impl Inner {
             st.slots.release(slot);
             return Ok(None);
         };
+        if st.index.contains(c as u32, tag) {
+            st.slots.release(slot);
+            return Ok(st
+                .any_persistent()
+                .then(|| (st.journal.epoch(), st.journal.next_seq())));
+        }
         let durable = st.journal.durable();
         st.log(Record::Preserve {
             version: VersionRecord {

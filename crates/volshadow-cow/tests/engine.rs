@@ -612,3 +612,38 @@ fn allocated_extents_report_holes_of_the_snapshot() {
         );
     }
 }
+
+/// Regression (found by fault injection): a write spanning two chunks
+/// preserved the first, then failed reading the second from the origin.
+/// The next write to the first chunk copied it again and journaled a
+/// duplicate record, which recovery rejected as corruption.
+#[test]
+fn a_failed_multi_chunk_write_does_not_duplicate_copies() {
+    use volshadow_block::{Fault, FaultAction, FaultError, FaultyDevice, OpKind};
+    let origin = Arc::new(FaultyDevice::new(MemDevice::new(1 << 20)));
+    let diff = Arc::new(MemDevice::new(4 << 20));
+    let vol = Volume::create(
+        origin.clone(),
+        diff.clone(),
+        VolumeOptions {
+            chunk_size: CHUNK,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let s = vol.create_snapshot(persistent()).unwrap();
+    // Reads of the origin: chunk 0's copy is the 0th, chunk 1's the 1st.
+    origin.set_fault(Fault::on(
+        OpKind::Read,
+        1,
+        FaultAction::Fail(FaultError::Eio),
+    ));
+    assert!(vol.write_at(&[1u8; 8192], 0).is_err());
+    fill(&vol, 0, 100, 2);
+    fill(&vol, 0, 8192, 3);
+    assert_eq!(vol.usage().preserved_chunks, 2);
+    vol.flush().unwrap();
+    drop(vol);
+    let vol = Volume::open(origin, diff).unwrap();
+    assert!(all(&vol.snapshot(s.id).unwrap()).iter().all(|&b| b == 0));
+}
