@@ -12,6 +12,8 @@ mod bitmap;
 mod commit;
 mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 mod gate;
 mod index;
 mod journal;

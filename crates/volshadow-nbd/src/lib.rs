@@ -7,6 +7,8 @@
 //! CACHE, DISC. Each connection runs on its own thread.
 #![forbid(unsafe_code)]
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod proto;
 mod server;
 
