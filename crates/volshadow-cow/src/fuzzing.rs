@@ -25,8 +25,8 @@ pub fn superblock(data: &[u8]) {
     }
 }
 
-const ORIGIN: u64 = 64 << 10;
-const DIFF: u64 = 1 << 20;
+const ORIGIN: u64 = 32 << 10;
+const DIFF: u64 = 512 << 10;
 
 /// A diff area image with some history, made once.
 fn template() -> &'static (Vec<u8>, Vec<u8>) {
