@@ -2,6 +2,7 @@
 //! `diskshadow`, over the copy-on-write engine and the NBD server.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod control;
 mod exports;
 mod ops;
@@ -154,6 +155,40 @@ enum Command {
         /// Only these components (`logical_path\name`); default all.
         #[arg(long)]
         component: Vec<String>,
+    },
+    /// Time an I/O loop on the volume (or the bare file), like `qemu-img bench`.
+    Bench {
+        #[arg(long = "for", value_name = "IMG")]
+        volume: PathBuf,
+        #[arg(long, value_enum, default_value = "seq")]
+        pattern: bench::Pattern,
+        #[arg(long, value_enum, default_value = "write")]
+        mode: bench::Mode,
+        #[arg(long, value_parser = parse_size, default_value = "4K")]
+        block_size: u64,
+        /// Threads issuing I/O at once.
+        #[arg(long, default_value_t = 1)]
+        depth: usize,
+        #[arg(long, default_value_t = 10000)]
+        count: u64,
+        /// Take a snapshot first (so writes are first writes).
+        #[arg(long)]
+        snapshot_first: bool,
+        /// Take this many snapshots first.
+        #[arg(long, default_value_t = 0)]
+        snapshots: usize,
+        #[arg(long)]
+        persistent: bool,
+        /// The same loop on the bare image file, without the COW layer.
+        #[arg(long)]
+        raw: bool,
+        /// Read the newest snapshot instead of the live volume.
+        #[arg(long)]
+        from_snapshot: bool,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
     },
     /// Show the whole idea on a small image in under a minute.
     Quickstart {
@@ -530,6 +565,57 @@ fn run(cmd: Command) -> Result<()> {
             listen,
         } => serve(&volume, socket, listen),
         Command::Quickstart { dir } => quickstart::run(dir),
+        Command::Bench {
+            volume,
+            pattern,
+            mode,
+            block_size,
+            depth,
+            count,
+            snapshot_first,
+            snapshots,
+            persistent,
+            raw,
+            from_snapshot,
+            seed,
+            json,
+        } => {
+            let r = bench::run(
+                &volume,
+                &bench::BenchArgs {
+                    pattern,
+                    mode,
+                    block_size,
+                    depth,
+                    count,
+                    snapshots_first: snapshots.max(usize::from(snapshot_first)),
+                    persistent,
+                    raw,
+                    from_snapshot,
+                    seed,
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{}
+  {} ops of {} in {:.3} s: {:.1} MB/s, {:.0} IOPS
+  latency us: p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
+                    r.target,
+                    r.ops,
+                    ops::human_size(block_size),
+                    r.seconds,
+                    r.mb_per_s,
+                    r.iops,
+                    r.latency_us.p50,
+                    r.latency_us.p90,
+                    r.latency_us.p99,
+                    r.latency_us.max
+                );
+            }
+            Ok(())
+        }
         Command::Backup { config } => vss::backup(&config).map(|_| ()),
         Command::Restore {
             config,
