@@ -32,13 +32,6 @@ impl AtomicBitmap {
         self.words[(bit / 64) as usize].fetch_and(!(1 << (bit % 64)), Ordering::Release);
     }
 
-    /// Clears every bit. Callers make sure no one sets bits meanwhile.
-    pub(crate) fn clear_all(&self) {
-        for w in self.words.iter() {
-            w.store(0, Ordering::Relaxed);
-        }
-    }
-
     /// Bytes of memory held.
     pub(crate) fn heap_bytes(&self) -> usize {
         self.words.len() * 8
@@ -61,8 +54,138 @@ mod tests {
             b.set(i);
         }
         assert!(!b.get(1) && !b.get(65));
-        b.clear_all();
-        assert!((0..130).all(|i| !b.get(i)));
         assert_eq!(b.heap_bytes(), 24);
+    }
+}
+
+/// Words per stamped block: 4096 bits.
+const BLOCK_WORDS: usize = 64;
+/// A block's stamp while one thread clears it.
+const BUSY: u32 = u32::MAX;
+
+/// A bitmap that clears in O(1): each block of 4096 bits carries the epoch
+/// in which its words were last valid; `clear_all` moves to a new epoch and
+/// a block from an older one reads as all zeros until its first `set`
+/// clears it for real. This is what makes snapshot creation independent of
+/// the volume's size (a 1 TiB volume has 64 Mi chunks: 8 MiB of bits).
+#[derive(Debug)]
+pub(crate) struct EpochBitmap {
+    words: Box<[AtomicU64]>,
+    stamps: Box<[std::sync::atomic::AtomicU32]>,
+    epoch: std::sync::atomic::AtomicU32,
+}
+
+impl EpochBitmap {
+    pub(crate) fn new(bits: u64) -> Self {
+        let words = bits.div_ceil(64) as usize;
+        let blocks = words.div_ceil(BLOCK_WORDS);
+        EpochBitmap {
+            words: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            stamps: (0..blocks)
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect(),
+            epoch: std::sync::atomic::AtomicU32::new(1),
+        }
+    }
+
+    pub(crate) fn get(&self, bit: u64) -> bool {
+        let w = (bit / 64) as usize;
+        let b = w / BLOCK_WORDS;
+        if self.stamps[b].load(Ordering::Acquire) != self.epoch.load(Ordering::Acquire) {
+            return false;
+        }
+        self.words[w].load(Ordering::Acquire) & (1 << (bit % 64)) != 0
+    }
+
+    pub(crate) fn set(&self, bit: u64) {
+        let w = (bit / 64) as usize;
+        let b = w / BLOCK_WORDS;
+        loop {
+            let epoch = self.epoch.load(Ordering::Acquire);
+            let stamp = self.stamps[b].load(Ordering::Acquire);
+            if stamp == epoch {
+                self.words[w].fetch_or(1 << (bit % 64), Ordering::Release);
+                return;
+            }
+            if stamp == BUSY {
+                std::hint::spin_loop();
+                continue;
+            }
+            if self.stamps[b]
+                .compare_exchange(stamp, BUSY, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                let end = ((b + 1) * BLOCK_WORDS).min(self.words.len());
+                for word in &self.words[b * BLOCK_WORDS..end] {
+                    word.store(0, Ordering::Relaxed);
+                }
+                self.stamps[b].store(epoch, Ordering::Release);
+            }
+        }
+    }
+
+    /// Clears every bit in O(1). Callers make sure no one sets bits
+    /// meanwhile (the write gate is closed).
+    pub(crate) fn clear_all(&self) {
+        let next = self.epoch.load(Ordering::Acquire) + 1;
+        if next == BUSY {
+            // Once per 4 billion snapshots: restart the epochs.
+            for s in self.stamps.iter() {
+                s.store(0, Ordering::Relaxed);
+            }
+            self.epoch.store(1, Ordering::Release);
+        } else {
+            self.epoch.store(next, Ordering::Release);
+        }
+    }
+
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.words.len() * 8 + self.stamps.len() * 4
+    }
+}
+
+#[cfg(test)]
+mod epoch_tests {
+    use super::*;
+
+    #[test]
+    fn clear_is_lazy_and_exact() {
+        let b = EpochBitmap::new(10_000);
+        for i in [0u64, 63, 4095, 4096, 9999] {
+            b.set(i);
+        }
+        assert!(b.get(4095) && b.get(4096) && !b.get(4097));
+        b.clear_all();
+        assert!((0..10_000).all(|i| !b.get(i)));
+        b.set(5);
+        assert!(b.get(5) && !b.get(0) && !b.get(63));
+        // A block untouched since two epochs ago still reads zero.
+        b.clear_all();
+        b.clear_all();
+        assert!(!b.get(9999) && !b.get(5));
+        b.set(9999);
+        assert!(b.get(9999) && !b.get(9998));
+    }
+
+    #[test]
+    fn concurrent_sets_in_one_block_all_land() {
+        let b = std::sync::Arc::new(EpochBitmap::new(8192));
+        b.set(1);
+        b.clear_all();
+        let handles: Vec<_> = (0..4u64)
+            .map(|t| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    for i in (t..4096).step_by(4) {
+                        b.set(i);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert!((0..4096).all(|i| b.get(i)));
+        assert!(!b.get(4096));
     }
 }

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 use volshadow_block::{BlockDevice, Op, check_range};
 
-use crate::bitmap::AtomicBitmap;
+use crate::bitmap::{AtomicBitmap, EpochBitmap};
 use crate::commit::GroupCommit;
 use crate::error::{Error, Result};
 use crate::format::{
@@ -331,7 +331,7 @@ pub(crate) struct Inner {
     gate: Gate,
     state: RwLock<State>,
     /// Chunks preserved since the newest snapshot was taken.
-    preserved: AtomicBitmap,
+    preserved: EpochBitmap,
     /// Chunks that have (or once had) a preserved version: a hint that lets
     /// snapshot reads of never-changed chunks skip the index.
     has_any: AtomicBitmap,
@@ -588,7 +588,7 @@ impl Volume {
         state: State,
     ) -> Result<Self> {
         let geo = Geometry::from_superblock(sb);
-        let preserved = AtomicBitmap::new(geo.chunks);
+        let preserved = EpochBitmap::new(geo.chunks);
         let has_any = AtomicBitmap::new(geo.chunks);
         for v in state.index.iter() {
             has_any.set(v.chunk as u64);
