@@ -231,6 +231,25 @@ impl Journal {
         Ok(())
     }
 
+    /// Appends several records with one write.
+    pub(crate) fn append_many(&mut self, records: &[Record]) -> Result<()> {
+        let mut bytes = Vec::new();
+        for (k, r) in records.iter().enumerate() {
+            bytes.extend_from_slice(&self.encode(self.sb.epoch, self.next_seq + k as u64, r)?);
+        }
+        if !self.has_room(bytes.len()) {
+            return Err(Error::JournalTooSmall {
+                needed: self.tail + bytes.len() as u64,
+                capacity: self.sb.journal_half,
+            });
+        }
+        let at = self.half_offset(self.sb.active_half) + self.tail;
+        self.diff.write_at(&bytes, at)?;
+        self.tail += bytes.len() as u64;
+        self.next_seq += records.len() as u64;
+        Ok(())
+    }
+
     /// Encoded size of a record (for `has_room`).
     pub(crate) fn encoded_len(&self, record: &Record) -> Result<usize> {
         Ok(self.encode(self.sb.epoch, self.next_seq, record)?.len())

@@ -88,6 +88,26 @@ impl Geometry {
     }
 }
 
+/// Index ranges `[i, j)` of maximal runs of consecutive values.
+fn runs<T>(v: &[T]) -> impl Iterator<Item = (usize, usize)> + '_
+where
+    T: Copy + PartialEq + std::ops::Add<Output = T> + From<u8>,
+{
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if i >= v.len() {
+            return None;
+        }
+        let mut j = i + 1;
+        while j < v.len() && v[j] == v[j - 1] + T::from(1) {
+            j += 1;
+        }
+        let r = (i, j);
+        i = j;
+        Some(r)
+    })
+}
+
 /// Plans the diff-area layout for a device of `diff_len` bytes.
 fn plan_layout(diff_len: u64, chunk: u64, half: Option<u64>) -> Option<(u64, u64, u64, u64)> {
     let align = |x: u64| x.next_multiple_of(4096);
@@ -147,6 +167,23 @@ impl State {
             versions: all.len() as u64,
         });
         out
+    }
+
+    /// Appends records in one write when they fit (compacting first if
+    /// needed), else one by one.
+    fn log_many(&mut self, records: Vec<Record>) -> Result<()> {
+        let mut total = 0;
+        for r in &records {
+            total += self.journal.encoded_len(r)?;
+        }
+        if !self.journal.has_room(total) {
+            let cp = self.checkpoint_records();
+            self.journal.checkpoint(cp)?;
+        }
+        if self.journal.has_room(total) {
+            return self.journal.append_many(&records);
+        }
+        records.into_iter().try_for_each(|r| self.log(r))
     }
 
     /// Appends a record, compacting first if the active half is full.
@@ -1106,70 +1143,108 @@ impl Inner {
         }
     }
 
-    /// Copies chunk `c`'s current contents to the diff area and records it.
-    /// Returns `Some((epoch, seq))` when the copy must be made durable
-    /// before the origin is overwritten (some persistent snapshot may read
-    /// it): a flush then covers the journal up to `seq` of `epoch`.
-    fn preserve(&self, c: u64) -> Result<Option<(u64, u64)>> {
-        // Already copied for the newest snapshot: an earlier write preserved
-        // the chunk but failed before marking it (another chunk of its
-        // request failed). Copying again would journal a duplicate; only
-        // its durability is still owed.
-        {
+    /// Copies the current contents of `chunks` (sorted) to the diff area and
+    /// journals them. Contiguous chunks are read from the origin in one
+    /// request, copies to contiguous slots go out in one write each for data
+    /// and hashes, and the batch's records in one journal write. Returns
+    /// `Some((epoch, seq))` when the copies must be made durable before the
+    /// origin is overwritten (some persistent snapshot may read them): a
+    /// flush then covers the journal up to `seq` of `epoch`.
+    fn preserve_many(&self, chunks: &[u64]) -> Result<Option<(u64, u64)>> {
+        // Chunks copied by an earlier write that failed before marking them:
+        // copying again would journal a duplicate; only durability is owed.
+        let (todo, mut durable) = {
             let st = self.state_read();
-            if let Some(tag) = st.newest()
-                && st.index.contains(c as u32, tag)
-            {
-                return Ok(st
-                    .any_persistent()
-                    .then(|| (st.journal.epoch(), st.journal.next_seq())));
+            let Some(tag) = st.newest() else {
+                return Ok(None);
+            };
+            let todo: Vec<u64> = chunks
+                .iter()
+                .copied()
+                .filter(|&c| !st.index.contains(c as u32, tag))
+                .collect();
+            let owed = (todo.len() < chunks.len() && st.any_persistent())
+                .then(|| (st.journal.epoch(), st.journal.next_seq()));
+            (todo, owed)
+        };
+        if todo.is_empty() {
+            return Ok(durable);
+        }
+        let cs = self.geo.chunk as usize;
+        let mut data = vec![0u8; todo.len() * cs];
+        for (i, j) in runs(&todo) {
+            let (off, _) = self.geo.chunk_range(todo[i]);
+            let end = ((todo[j - 1] + 1) << self.geo.shift).min(self.geo.origin_len);
+            self.origin
+                .read_at(&mut data[i * cs..i * cs + (end - off) as usize], off)?;
+        }
+        let hashes: Vec<[u8; 32]> = todo
+            .iter()
+            .enumerate()
+            .map(|(k, &c)| {
+                let (_, len) = self.geo.chunk_range(c);
+                *blake3::hash(&data[k * cs..k * cs + len]).as_bytes()
+            })
+            .collect();
+        let mut slots = Vec::with_capacity(todo.len());
+        {
+            let mut st = self.state_write();
+            for _ in &todo {
+                match self.alloc_slot(&mut st) {
+                    Ok(Some(s)) => slots.push(s),
+                    other => {
+                        for s in &slots {
+                            st.slots.release(*s);
+                        }
+                        return other.map(|_| durable);
+                    }
+                }
             }
         }
-        let (off, len) = self.geo.chunk_range(c);
-        let mut buf = vec![0u8; self.geo.chunk as usize];
-        self.origin.read_at(&mut buf[..len], off)?;
-        let hash = blake3::hash(&buf[..len]);
-        let Some(slot) = self.alloc_slot(&mut self.state_write())? else {
-            return Ok(None);
-        };
-        let written = self
-            .diff
-            .write_at(&buf, self.geo.slot_offset(slot))
-            .and_then(|()| {
-                self.diff
-                    .write_at(hash.as_bytes(), self.geo.hash_offset(slot))
-            });
+        let written = runs(&slots).try_for_each(|(i, j)| {
+            self.diff
+                .write_at(&data[i * cs..j * cs], self.geo.slot_offset(slots[i]))?;
+            self.diff
+                .write_at(&hashes[i..j].concat(), self.geo.hash_offset(slots[i]))
+        });
         let mut st = self.state_write();
+        let release = |st: &mut State| {
+            for s in &slots {
+                st.slots.release(*s);
+            }
+        };
         if let Err(e) = written {
-            st.slots.release(slot);
+            release(&mut st);
             return Err(e.into());
         }
         let Some(tag) = st.newest() else {
-            st.slots.release(slot);
-            return Ok(None);
+            release(&mut st);
+            return Ok(durable);
         };
-        if st.index.contains(c as u32, tag) {
-            st.slots.release(slot);
-            return Ok(st
-                .any_persistent()
-                .then(|| (st.journal.epoch(), st.journal.next_seq())));
+        let mark = st.journal.durable();
+        let records = todo
+            .iter()
+            .zip(&slots)
+            .zip(&hashes)
+            .map(|((&c, &slot), hash)| Record::Preserve {
+                version: VersionRecord {
+                    chunk: c as u32,
+                    tag,
+                    slot,
+                },
+                hash: *hash,
+                durable: mark,
+            })
+            .collect();
+        st.log_many(records).map_err(|e| self.fail(e))?;
+        for (&c, &slot) in todo.iter().zip(&slots) {
+            st.index.insert(c as u32, tag, slot);
+            self.has_any.set(c);
         }
-        let durable = st.journal.durable();
-        st.log(Record::Preserve {
-            version: VersionRecord {
-                chunk: c as u32,
-                tag,
-                slot,
-            },
-            hash: *hash.as_bytes(),
-            durable,
-        })
-        .map_err(|e| self.fail(e))?;
-        st.index.insert(c as u32, tag, slot);
-        self.has_any.set(c);
-        Ok(st
-            .any_persistent()
-            .then(|| (st.journal.epoch(), st.journal.next_seq())))
+        if st.any_persistent() {
+            durable = Some((st.journal.epoch(), st.journal.next_seq()));
+        }
+        Ok(durable)
     }
 
     /// Flushes the diff area and records how far the journal is durable.
@@ -1215,17 +1290,12 @@ impl Inner {
                     .unwrap_or_else(PoisonError::into_inner)
             })
             .collect();
-        let mut fresh = Vec::with_capacity(need.len());
-        let mut durable: Option<(u64, u64)> = None;
-        for &c in &need {
-            if !self.preserved.get(c) {
-                if let Some(d) = self.preserve(c)? {
-                    durable = Some(durable.map_or(d, |p| p.max(d)));
-                }
-                fresh.push(c);
-            }
-        }
-        if let Some((epoch, seq)) = durable {
+        // Re-check under the stripe locks: another writer may have copied.
+        let fresh: Vec<u64> = need
+            .into_iter()
+            .filter(|&c| !self.preserved.get(c))
+            .collect();
+        if let Some((epoch, seq)) = self.preserve_many(&fresh)? {
             self.commit.flush().map_err(|e| self.fail(e.into()))?;
             self.state_write().journal.mark_durable(epoch, seq);
         }

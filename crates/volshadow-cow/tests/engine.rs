@@ -613,10 +613,12 @@ fn allocated_extents_report_holes_of_the_snapshot() {
     }
 }
 
-/// Regression (found by fault injection): a write spanning two chunks
-/// preserved the first, then failed reading the second from the origin.
-/// The next write to the first chunk copied it again and journaled a
-/// duplicate record, which recovery rejected as corruption.
+/// Regression (found by fault injection): a write spanning several chunks
+/// copied some, then failed on another; the next write to the copied ones
+/// journaled duplicate copies, which recovery rejected as corruption.
+/// Copies of one write are now made all or nothing (every origin read
+/// first), and a chunk already copied for the newest snapshot is never
+/// copied again.
 #[test]
 fn a_failed_multi_chunk_write_does_not_duplicate_copies() {
     use volshadow_block::{Fault, FaultAction, FaultError, FaultyDevice, OpKind};
@@ -632,16 +634,22 @@ fn a_failed_multi_chunk_write_does_not_duplicate_copies() {
     )
     .unwrap();
     let s = vol.create_snapshot(persistent()).unwrap();
-    // Reads of the origin: chunk 0's copy is the 0th, chunk 1's the 1st.
+    fill(&vol, CHUNK as u64, 10, 1); // chunk 1 copied
+    // Chunks 0 and 2 need copies: two runs, two origin reads; fail the 2nd.
     origin.set_fault(Fault::on(
         OpKind::Read,
         1,
         FaultAction::Fail(FaultError::Eio),
     ));
-    assert!(vol.write_at(&[1u8; 8192], 0).is_err());
+    assert!(vol.write_at(&[1u8; 3 * CHUNK as usize], 0).is_err());
+    assert_eq!(
+        vol.usage().preserved_chunks,
+        1,
+        "a failed write left copies behind"
+    );
     fill(&vol, 0, 100, 2);
-    fill(&vol, 0, 8192, 3);
-    assert_eq!(vol.usage().preserved_chunks, 2);
+    fill(&vol, 0, 3 * CHUNK as usize, 3);
+    assert_eq!(vol.usage().preserved_chunks, 3);
     vol.flush().unwrap();
     drop(vol);
     let vol = Volume::open(origin, diff).unwrap();
