@@ -21,9 +21,89 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::format::VersionRecord;
 
+/// The versions of one tag. The newest snapshot's tag takes inserts and is
+/// a hash map; older tags only change when a snapshot is deleted and are
+/// frozen into a sorted vector: exactly 8 bytes a version.
+#[derive(Debug)]
+enum TagMap {
+    Hot(HashMap<u32, u32>),
+    Frozen(Vec<(u32, u32)>),
+}
+
+impl Default for TagMap {
+    fn default() -> Self {
+        TagMap::Hot(HashMap::new())
+    }
+}
+
+impl TagMap {
+    fn get(&self, chunk: u32) -> Option<u32> {
+        match self {
+            TagMap::Hot(m) => m.get(&chunk).copied(),
+            TagMap::Frozen(v) => v.binary_search_by_key(&chunk, |e| e.0).ok().map(|i| v[i].1),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            TagMap::Hot(m) => m.len(),
+            TagMap::Frozen(v) => v.len(),
+        }
+    }
+
+    fn thaw(&mut self) -> &mut HashMap<u32, u32> {
+        if let TagMap::Frozen(v) = self {
+            *self = TagMap::Hot(v.iter().copied().collect());
+        }
+        match self {
+            TagMap::Hot(m) => m,
+            TagMap::Frozen(_) => unreachable!("thawed above"),
+        }
+    }
+
+    fn freeze(&mut self) {
+        if let TagMap::Hot(m) = self {
+            let mut v: Vec<(u32, u32)> = m.iter().map(|(&c, &s)| (c, s)).collect();
+            v.sort_unstable();
+            v.shrink_to_fit();
+            *self = TagMap::Frozen(v);
+        }
+    }
+
+    fn remove(&mut self, chunk: u32) -> Option<u32> {
+        match self {
+            TagMap::Hot(m) => m.remove(&chunk),
+            TagMap::Frozen(v) => v
+                .binary_search_by_key(&chunk, |e| e.0)
+                .ok()
+                .map(|i| v.remove(i).1),
+        }
+    }
+
+    fn entries(&self) -> Box<dyn Iterator<Item = (u32, u32)> + '_> {
+        match self {
+            TagMap::Hot(m) => Box::new(m.iter().map(|(&c, &s)| (c, s))),
+            TagMap::Frozen(v) => Box::new(v.iter().copied()),
+        }
+    }
+
+    /// Heap bytes: a hash map's buckets (8 bytes of entry and one control
+    /// byte each, buckets a power of two at most 7/8 full), or the vector.
+    fn heap_bytes(&self) -> usize {
+        match self {
+            TagMap::Hot(m) if m.capacity() == 0 => 0,
+            TagMap::Hot(m) => {
+                let buckets = (m.capacity() * 8 / 7).next_power_of_two();
+                buckets * 9 + 16
+            }
+            TagMap::Frozen(v) => v.capacity() * 8,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct VersionIndex {
-    by_tag: BTreeMap<u64, HashMap<u32, u32>>,
+    by_tag: BTreeMap<u64, TagMap>,
     len: u64,
 }
 
@@ -32,23 +112,50 @@ impl VersionIndex {
     pub(crate) fn lookup(&self, chunk: u32, seq: u64) -> Option<(u64, u32)> {
         self.by_tag
             .range(seq..)
-            .find_map(|(&tag, m)| m.get(&chunk).map(|&slot| (tag, slot)))
+            .find_map(|(&tag, m)| m.get(chunk).map(|slot| (tag, slot)))
     }
 
     pub(crate) fn contains(&self, chunk: u32, tag: u64) -> bool {
         self.by_tag
             .get(&tag)
-            .is_some_and(|m| m.contains_key(&chunk))
+            .is_some_and(|m| m.get(chunk).is_some())
     }
 
     /// Adds a version; false (and no change) if `(chunk, tag)` exists.
     pub(crate) fn insert(&mut self, chunk: u32, tag: u64, slot: u32) -> bool {
-        let m = self.by_tag.entry(tag).or_default();
+        let m = self.by_tag.entry(tag).or_default().thaw();
         if m.contains_key(&chunk) {
             return false;
         }
         m.insert(chunk, slot);
         self.len += 1;
+        true
+    }
+
+    /// Freezes every tag but `newest` (called when a snapshot is taken and
+    /// after recovery): their versions change only on deletes.
+    pub(crate) fn freeze_older_than(&mut self, newest: u64) {
+        for m in self.by_tag.range_mut(..newest).map(|(_, m)| m) {
+            m.freeze();
+        }
+    }
+
+    /// Removes the version of `chunk` stored in `slot`, whatever its tag.
+    pub(crate) fn remove_slot(&mut self, chunk: u32, slot: u32) -> bool {
+        let tag = self
+            .by_tag
+            .iter()
+            .find_map(|(&t, m)| (m.get(chunk) == Some(slot)).then_some(t));
+        let Some(tag) = tag else {
+            return false;
+        };
+        if let Some(m) = self.by_tag.get_mut(&tag) {
+            m.remove(chunk);
+            if m.len() == 0 {
+                self.by_tag.remove(&tag);
+            }
+        }
+        self.len -= 1;
         true
     }
 
@@ -60,18 +167,40 @@ impl VersionIndex {
         };
         let mut freed = Vec::new();
         match pred {
-            None => freed.extend(versions.into_values()),
+            None => freed.extend(versions.entries().map(|(_, s)| s)),
             Some(p) => {
                 let target = self.by_tag.entry(p).or_default();
-                for (chunk, slot) in versions {
-                    match target.entry(chunk) {
-                        std::collections::hash_map::Entry::Occupied(_) => freed.push(slot),
-                        std::collections::hash_map::Entry::Vacant(e) => {
-                            e.insert(slot);
-                        }
+                let mut moved: Vec<(u32, u32)> = Vec::new();
+                for (chunk, slot) in versions.entries() {
+                    if target.get(chunk).is_some() {
+                        freed.push(slot);
+                    } else {
+                        moved.push((chunk, slot));
                     }
                 }
-                if target.is_empty() {
+                match target {
+                    TagMap::Hot(m) => m.extend(moved),
+                    TagMap::Frozen(v) => {
+                        // Both sorted by chunk and disjoint: merge.
+                        moved.sort_unstable();
+                        let old = std::mem::take(v);
+                        let mut merged = Vec::with_capacity(old.len() + moved.len());
+                        let (mut a, mut b) =
+                            (old.into_iter().peekable(), moved.into_iter().peekable());
+                        loop {
+                            let next = match (a.peek(), b.peek()) {
+                                (Some(x), Some(y)) if x.0 < y.0 => a.next(),
+                                (Some(_), Some(_)) => b.next(),
+                                (Some(_), None) => a.next(),
+                                (None, Some(_)) => b.next(),
+                                (None, None) => break,
+                            };
+                            merged.extend(next);
+                        }
+                        *v = merged;
+                    }
+                }
+                if target.len() == 0 {
                     self.by_tag.remove(&p);
                 }
             }
@@ -80,31 +209,12 @@ impl VersionIndex {
         freed
     }
 
-    /// Removes the version of `chunk` stored in `slot`, whatever its tag.
-    pub(crate) fn remove_slot(&mut self, chunk: u32, slot: u32) -> bool {
-        let tag = self
-            .by_tag
-            .iter()
-            .find_map(|(&t, m)| (m.get(&chunk) == Some(&slot)).then_some(t));
-        let Some(tag) = tag else {
-            return false;
-        };
-        if let Some(m) = self.by_tag.get_mut(&tag) {
-            m.remove(&chunk);
-            if m.is_empty() {
-                self.by_tag.remove(&tag);
-            }
-        }
-        self.len -= 1;
-        true
-    }
-
     /// Chunks with a version tagged in `from..to`, sorted.
     pub(crate) fn chunks_tagged(&self, from: u64, to: u64) -> Vec<u32> {
         let mut out: Vec<u32> = self
             .by_tag
             .range(from..to)
-            .flat_map(|(_, m)| m.keys().copied())
+            .flat_map(|(_, m)| m.entries().map(|(c, _)| c))
             .collect();
         out.sort_unstable();
         out.dedup();
@@ -116,7 +226,7 @@ impl VersionIndex {
         self.by_tag
             .get(&tag)
             .into_iter()
-            .flat_map(|m| m.keys().copied())
+            .flat_map(|m| m.entries().map(|(c, _)| c))
     }
 
     /// The tag just below `tag` among versions of `chunk`.
@@ -124,13 +234,13 @@ impl VersionIndex {
         self.by_tag
             .range(..tag)
             .rev()
-            .find_map(|(&t, m)| m.contains_key(&chunk).then_some(t))
+            .find_map(|(&t, m)| m.get(chunk).is_some().then_some(t))
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = VersionRecord> + '_ {
         self.by_tag.iter().flat_map(|(&tag, m)| {
-            m.iter()
-                .map(move |(&chunk, &slot)| VersionRecord { chunk, tag, slot })
+            m.entries()
+                .map(move |(chunk, slot)| VersionRecord { chunk, tag, slot })
         })
     }
 
@@ -138,14 +248,9 @@ impl VersionIndex {
         self.len
     }
 
-    /// Heap bytes held, from the tables' capacities: hashbrown stores each
-    /// bucket's (u32, u32) plus one control byte; the B-tree adds a node per
-    /// tag (bounded by the snapshot count, counted at 64 bytes a tag).
+    /// Heap bytes held by the tables, plus 64 bytes a tag for the B-tree.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.by_tag
-            .values()
-            .map(|m| m.capacity().next_power_of_two() * 8 / 7 * 9 + 64)
-            .sum()
+        self.by_tag.values().map(|m| m.heap_bytes() + 64).sum()
     }
 }
 
@@ -247,6 +352,11 @@ mod tests {
         assert_eq!(freed, vec![101]);
         assert_eq!(ix.lookup(8, 1), Some((1, 102)));
         assert_eq!(ix.chunks_tagged(1, 2), vec![7, 8]);
+        // The same through frozen tables.
+        ix.freeze_older_than(u64::MAX);
+        assert_eq!(ix.lookup(8, 1), Some((1, 102)));
+        assert!(ix.contains(7, 1));
+        assert_eq!(ix.heap_bytes(), 2 * 8 + 64);
         // Delete 1 with no predecessor: everything goes.
         let mut freed = ix.drop_tag(1, None);
         freed.sort();

@@ -605,6 +605,9 @@ impl Volume {
             "recovered diff area"
         );
         let revert = state.revert;
+        if let Some(n) = state.newest() {
+            state.index.freeze_older_than(n);
+        }
         let vol = Self::assemble(origin, diff, &sb, state)?;
         if let Some(r) = revert {
             info!(
@@ -1022,6 +1025,8 @@ impl Inner {
         }
         st.next_seq += 1;
         st.snapshots.insert(rec.seq, rec.clone());
+        // Older tags take no more inserts: store them compactly.
+        st.index.freeze_older_than(rec.seq);
         // No writer is inside the gate, so nobody sets bits meanwhile.
         self.preserved.clear_all();
         self.newest.store(rec.seq, Ordering::Release);
