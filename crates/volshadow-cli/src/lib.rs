@@ -397,9 +397,12 @@ fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(len);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-    ) {
+    let template = if what == "exporting" {
+        "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})"
+    } else {
+        "{msg} [{bar:40}] {pos}/{len} ({eta})"
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_message(what.to_string());
@@ -550,7 +553,20 @@ fn run(cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Verify { volume, json } => {
-            let (reply, _) = on_volume(&volume, &Request::Verify, &[])?;
+            let reply = match control::call(&storage::control_path(&volume), &Request::Verify, &[])?
+            {
+                Some((reply, _)) => reply,
+                None => {
+                    let vol = storage::open_volume(&volume)?;
+                    let bar = progress(0, "verifying");
+                    let report = vol.verify_with_progress(|done, total| {
+                        bar.set_length(total);
+                        bar.set_position(done);
+                    })?;
+                    bar.finish_and_clear();
+                    Reply::Verify { report }
+                }
+            };
             print_reply(&reply, json)?;
             if let Reply::Verify { report } = &reply
                 && !report.mismatches.is_empty()

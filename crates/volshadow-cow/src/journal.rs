@@ -217,18 +217,7 @@ impl Journal {
     /// Appends one record at the tail. The caller checkpoints first when
     /// `has_room` says no.
     pub(crate) fn append(&mut self, record: &Record) -> Result<()> {
-        let bytes = self.encode(self.sb.epoch, self.next_seq, record)?;
-        if !self.has_room(bytes.len()) {
-            return Err(Error::JournalTooSmall {
-                needed: self.tail + bytes.len() as u64,
-                capacity: self.sb.journal_half,
-            });
-        }
-        let at = self.half_offset(self.sb.active_half) + self.tail;
-        self.diff.write_at(&bytes, at)?;
-        self.tail += bytes.len() as u64;
-        self.next_seq += 1;
-        Ok(())
+        self.append_many(std::slice::from_ref(record))
     }
 
     /// Appends several records with one write.

@@ -24,6 +24,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
+
+mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
@@ -214,24 +216,7 @@ impl Model {
     }
 
     fn changed(&self, from: u64, to: u64) -> Vec<Extent> {
-        let chunks: BTreeSet<usize> = self
-            .writes
-            .iter()
-            .filter(|(t, _)| *t > from && *t < to)
-            .map(|&(_, c)| c)
-            .collect();
-        let mut out: Vec<Extent> = Vec::new();
-        for c in chunks {
-            let off = (c * CHUNK) as u64;
-            match out.last_mut() {
-                Some(e) if e.offset + e.len == off => e.len += CHUNK as u64,
-                _ => out.push(Extent {
-                    offset: off,
-                    len: CHUNK as u64,
-                }),
-            }
-        }
-        out
+        common::model_changed(&self.writes, from, to, CHUNK)
     }
 
     fn changed_since(&self, born: u64) -> Vec<usize> {

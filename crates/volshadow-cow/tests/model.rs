@@ -47,24 +47,7 @@ impl Model {
     }
 
     fn changed(&self, from: u64, to: u64) -> Vec<Extent> {
-        let chunks: BTreeSet<usize> = self
-            .writes
-            .iter()
-            .filter(|(t, _)| *t > from && *t < to)
-            .map(|&(_, c)| c)
-            .collect();
-        let mut out: Vec<Extent> = Vec::new();
-        for c in chunks {
-            let off = (c * CHUNK) as u64;
-            match out.last_mut() {
-                Some(e) if e.offset + e.len == off => e.len += CHUNK as u64,
-                _ => out.push(Extent {
-                    offset: off,
-                    len: CHUNK as u64,
-                }),
-            }
-        }
-        out
+        common::model_changed(&self.writes, from, to, CHUNK)
     }
 }
 

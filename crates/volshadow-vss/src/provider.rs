@@ -78,11 +78,48 @@ struct Pending {
     made: Vec<SnapshotRef>,
 }
 
+/// Sets being prepared or committed, by set id: what both providers keep
+/// between the coordinator's calls.
+#[derive(Debug, Default)]
+struct PendingSets(Mutex<HashMap<Uuid, Pending>>);
+
+impl PendingSets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Pending>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn add_volume(&self, set: Uuid, volume: &Path) {
+        self.lock()
+            .entry(set)
+            .or_default()
+            .volumes
+            .push(volume.to_owned());
+    }
+
+    fn volumes(&self, set: Uuid) -> Vec<PathBuf> {
+        self.lock()
+            .get(&set)
+            .map(|p| p.volumes.clone())
+            .unwrap_or_default()
+    }
+
+    fn set_made(&self, set: Uuid, made: Vec<SnapshotRef>) {
+        if let Some(p) = self.lock().get_mut(&set) {
+            p.made = made;
+        }
+    }
+
+    /// Forgets the set; returns what its commit made.
+    fn take(&self, set: Uuid) -> Vec<SnapshotRef> {
+        self.lock().remove(&set).map(|p| p.made).unwrap_or_default()
+    }
+}
+
 /// The system provider: this engine's copy-on-write snapshots.
 #[derive(Debug, Default)]
 pub struct CowProvider {
     volumes: Mutex<HashMap<PathBuf, Volume>>,
-    sets: Mutex<HashMap<Uuid, Pending>>,
+    sets: PendingSets,
 }
 
 impl CowProvider {
@@ -111,10 +148,6 @@ impl CowProvider {
                 ))
             })
     }
-
-    fn sets(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Pending>> {
-        self.sets.lock().unwrap_or_else(PoisonError::into_inner)
-    }
 }
 
 impl Provider for CowProvider {
@@ -136,11 +169,7 @@ impl Provider for CowProvider {
 
     fn begin_prepare_snapshot(&self, set_id: Uuid, volume: &Path) -> ProviderResult {
         self.volume(volume)?;
-        self.sets()
-            .entry(set_id)
-            .or_default()
-            .volumes
-            .push(volume.to_owned());
+        self.sets.add_volume(set_id, volume);
         Ok(())
     }
 
@@ -149,11 +178,7 @@ impl Provider for CowProvider {
     }
 
     fn pre_commit(&self, set_id: Uuid) -> ProviderResult {
-        let volumes = self
-            .sets()
-            .get(&set_id)
-            .map(|p| p.volumes.clone())
-            .unwrap_or_default();
+        let volumes = self.sets.volumes(set_id);
         for v in volumes {
             volshadow_block::BlockDevice::flush(&self.volume(&v)?)?;
         }
@@ -161,11 +186,7 @@ impl Provider for CowProvider {
     }
 
     fn commit(&self, set_id: Uuid, options: &CommitOptions) -> ProviderResult {
-        let paths = self
-            .sets()
-            .get(&set_id)
-            .map(|p| p.volumes.clone())
-            .unwrap_or_default();
+        let paths = self.sets.volumes(set_id);
         let vols: Vec<Volume> = paths
             .iter()
             .map(|p| self.volume(p))
@@ -191,26 +212,16 @@ impl Provider for CowProvider {
                 location: None,
             })
             .collect();
-        if let Some(p) = self.sets().get_mut(&set_id) {
-            p.made = made;
-        }
+        self.sets.set_made(set_id, made);
         Ok(())
     }
 
     fn post_commit(&self, set_id: Uuid) -> ProviderResult<Vec<SnapshotRef>> {
-        Ok(self
-            .sets()
-            .remove(&set_id)
-            .map(|p| p.made)
-            .unwrap_or_default())
+        Ok(self.sets.take(set_id))
     }
 
     fn abort(&self, set_id: Uuid) -> ProviderResult {
-        let made = self
-            .sets()
-            .remove(&set_id)
-            .map(|p| p.made)
-            .unwrap_or_default();
+        let made = self.sets.take(set_id);
         for s in made {
             self.delete(&s)?;
         }
@@ -250,7 +261,7 @@ impl Provider for CowProvider {
 /// no write path, so "holding writes" is the writers' freeze.
 #[derive(Debug, Default)]
 pub struct ReflinkProvider {
-    sets: Mutex<HashMap<Uuid, Pending>>,
+    sets: PendingSets,
     made: Mutex<Vec<SnapshotRef>>,
 }
 
@@ -263,10 +274,6 @@ impl ReflinkProvider {
         let mut s = volume.as_os_str().to_owned();
         s.push(format!(".reflink-{id}"));
         PathBuf::from(s)
-    }
-
-    fn sets(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Pending>> {
-        self.sets.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -296,11 +303,7 @@ impl Provider for ReflinkProvider {
     }
 
     fn begin_prepare_snapshot(&self, set_id: Uuid, volume: &Path) -> ProviderResult {
-        self.sets()
-            .entry(set_id)
-            .or_default()
-            .volumes
-            .push(volume.to_owned());
+        self.sets.add_volume(set_id, volume);
         Ok(())
     }
 
@@ -313,11 +316,7 @@ impl Provider for ReflinkProvider {
     }
 
     fn commit(&self, set_id: Uuid, _options: &CommitOptions) -> ProviderResult {
-        let volumes = self
-            .sets()
-            .get(&set_id)
-            .map(|p| p.volumes.clone())
-            .unwrap_or_default();
+        let volumes = self.sets.volumes(set_id);
         let mut made = Vec::new();
         for v in volumes {
             let id = Uuid::new_v4();
@@ -336,18 +335,12 @@ impl Provider for ReflinkProvider {
                 location: Some(copy),
             });
         }
-        if let Some(p) = self.sets().get_mut(&set_id) {
-            p.made = made;
-        }
+        self.sets.set_made(set_id, made);
         Ok(())
     }
 
     fn post_commit(&self, set_id: Uuid) -> ProviderResult<Vec<SnapshotRef>> {
-        let made = self
-            .sets()
-            .remove(&set_id)
-            .map(|p| p.made)
-            .unwrap_or_default();
+        let made = self.sets.take(set_id);
         self.made
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -356,11 +349,7 @@ impl Provider for ReflinkProvider {
     }
 
     fn abort(&self, set_id: Uuid) -> ProviderResult {
-        let made = self
-            .sets()
-            .remove(&set_id)
-            .map(|p| p.made)
-            .unwrap_or_default();
+        let made = self.sets.take(set_id);
         for m in &made {
             self.delete(m)?;
         }

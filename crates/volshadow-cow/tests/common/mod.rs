@@ -59,3 +59,30 @@ pub fn all(dev: &dyn BlockDevice) -> Vec<u8> {
 pub fn fill(dev: &dyn BlockDevice, off: u64, len: usize, byte: u8) {
     dev.write_at(&vec![byte; len], off).unwrap();
 }
+
+/// The extents a model expects from `changed_extents`: chunks written at a
+/// logical time strictly between `from` and `to`, merged.
+pub fn model_changed(
+    writes: &[(u64, usize)],
+    from: u64,
+    to: u64,
+    chunk: usize,
+) -> Vec<volshadow_cow::Extent> {
+    let chunks: std::collections::BTreeSet<usize> = writes
+        .iter()
+        .filter(|(t, _)| *t > from && *t < to)
+        .map(|&(_, c)| c)
+        .collect();
+    let mut out: Vec<volshadow_cow::Extent> = Vec::new();
+    for c in chunks {
+        let off = (c * chunk) as u64;
+        match out.last_mut() {
+            Some(e) if e.offset + e.len == off => e.len += chunk as u64,
+            _ => out.push(volshadow_cow::Extent {
+                offset: off,
+                len: chunk as u64,
+            }),
+        }
+    }
+    out
+}
