@@ -96,9 +96,13 @@ pub fn journal(data: &[u8]) {
 pub fn engine(data: &[u8]) {
     let origin = Arc::new(MemDevice::new(ORIGIN));
     let diff = Arc::new(MemDevice::new(DIFF));
+    // A small diff area that fills: FailWrites refuses a write without
+    // changing anything, which the model can follow (DeleteOldest would
+    // drop snapshots the model still holds).
     let opts = VolumeOptions {
         chunk_size: 4096,
         journal_half: Some(8192),
+        policy: crate::FullPolicy::FailWrites,
         ..Default::default()
     };
     let Ok(mut vol) = Volume::create(origin.clone(), diff.clone(), opts) else {

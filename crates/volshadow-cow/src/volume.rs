@@ -853,6 +853,31 @@ impl Volume {
                     "snapshot {id} is not persistent; only persistent snapshots can be reverted to"
                 )));
             }
+            // Every chunk the revert rewrites that the newest snapshot has
+            // not copied yet needs a slot. Refuse now rather than stop half
+            // way (a journaled revert must be able to finish).
+            if let Some(newest) = st.newest().filter(|&n| n != seq) {
+                let needed = (0..inner.geo.chunks)
+                    .filter(|&c| inner.has_any.get(c))
+                    .filter(|&c| {
+                        st.index.lookup(c as u32, seq).is_some()
+                            && !st.index.contains(c as u32, newest)
+                    })
+                    .count() as u64;
+                let room = match st.policy {
+                    FullPolicy::Grow { max } => {
+                        (max / inner.geo.chunk).min(st.slots.total() as u64)
+                    }
+                    _ => st.max_slots,
+                }
+                .saturating_sub(st.slots.used());
+                if needed > room {
+                    return Err(Error::DiffAreaFull {
+                        used: st.slots.used() * inner.geo.chunk,
+                        max: st.max_slots * inner.geo.chunk,
+                    });
+                }
+            }
             st.log(Record::RevertBegin { seq })
                 .map_err(|e| inner.fail(e))?;
             st.revert = Some(RevertState { seq, next_chunk: 0 });

@@ -670,6 +670,7 @@ fn io_fault_injection() {
             len: 512,
             byte: 0xEE,
         });
+        let failed_before = vol.needs_recovery();
         match vol.write_at(&[0xEE; 512], 0) {
             Ok(()) => {
                 model.live[..512].fill(0xEE);
@@ -677,7 +678,7 @@ fn io_fault_injection() {
             }
             Err(e) => {
                 let msg = e.to_string();
-                if vol.needs_recovery() && !msg.contains("needs recovery") {
+                if failed_before && !msg.contains("needs recovery") {
                     return Err(format!("a failed volume said {msg:?}"));
                 }
             }

@@ -655,3 +655,26 @@ fn a_failed_multi_chunk_write_does_not_duplicate_copies() {
     let vol = Volume::open(origin, diff).unwrap();
     assert!(all(&vol.snapshot(s.id).unwrap()).iter().all(|&b| b == 0));
 }
+
+/// Found by fuzzing: a revert through the copy-on-write path could run out
+/// of diff area half way (newer snapshots need copies of what it
+/// overwrites), leaving the volume partly reverted and a journaled revert
+/// that could never finish. It is now refused up front.
+#[test]
+fn revert_that_cannot_fit_is_refused_and_changes_nothing() {
+    let r = tiny(FullPolicy::FailWrites, 6);
+    let s1 = r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 0, 4 * CHUNK as usize, 1); // 4 copies for s1
+    let s2 = r.vol.create_snapshot(persistent()).unwrap();
+    let live = all(&r.vol);
+    // Reverting to s1 rewrites 4 chunks, which s2 needs copied: 4 > 2 free.
+    let err = r.vol.revert(s1.id).unwrap_err();
+    assert!(matches!(err, Error::DiffAreaFull { .. }), "{err}");
+    assert_eq!(all(&r.vol), live);
+    assert_eq!(r.vol.snapshots().len(), 2);
+    // With room it works, and s2 keeps its bytes.
+    r.vol.resize(16 * CHUNK as u64, None).unwrap();
+    r.vol.revert(s1.id).unwrap();
+    assert!(all(&r.vol).iter().all(|&b| b == 0));
+    assert_eq!(all(&r.vol.snapshot(s2.id).unwrap()), live);
+}

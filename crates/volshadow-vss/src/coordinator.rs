@@ -705,10 +705,10 @@ impl BackupSession {
             context: self.context,
             backup_type: self.backup_type,
             set_id: self.set_id.unwrap_or_default(),
-            time: SystemTime::now()
+            time_ns: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0),
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
             writers: self.metadata.iter().map(|(_, m)| m.clone()).collect(),
             components,
             snapshots: self.snapshots.clone(),

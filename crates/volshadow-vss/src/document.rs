@@ -87,14 +87,15 @@ pub struct CbtBase {
 }
 
 /// The backup components document (serde JSON).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupDocument {
     pub version: u32,
     pub context: Context,
     pub backup_type: BackupType,
     pub set_id: Uuid,
-    /// Seconds since the Unix epoch.
-    pub time: f64,
+    /// Nanoseconds since the Unix epoch (an integer, so the document
+    /// round-trips exactly).
+    pub time_ns: u64,
     pub writers: Vec<WriterMetadata>,
     pub components: Vec<ComponentEntry>,
     pub snapshots: Vec<SnapshotRef>,
