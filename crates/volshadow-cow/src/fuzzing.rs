@@ -52,7 +52,7 @@ fn template() -> &'static (Vec<u8>, Vec<u8>) {
             vol.write_at(&[1u8; 20_000], 3000)
                 .map_err(crate::Error::Block)?;
             vol.create_snapshot(p)?;
-            vol.write_at(&[2u8; 9000], 30_000)
+            vol.write_at(&[2u8; 9000], 22_000)
                 .map_err(crate::Error::Block)?;
             Ok(())
         })();
