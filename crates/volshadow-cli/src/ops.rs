@@ -298,16 +298,25 @@ pub fn render(reply: &Reply) -> String {
             out
         }
         Reply::Data { .. } | Reply::Done => String::new(),
-        Reply::Verify { report } if report.mismatches.is_empty() => format!(
-            "Verified {} preserved chunk(s): all match their hashes.\n",
-            report.checked
-        ),
         Reply::Verify { report } => {
-            let mut out = format!(
-                "Verified {} preserved chunk(s): {} DAMAGED.\n",
-                report.checked,
-                report.mismatches.len()
-            );
+            let mut out = if report.mismatches.is_empty() {
+                format!(
+                    "Verified {} preserved chunk(s): all match their hashes.\n",
+                    report.checked
+                )
+            } else {
+                format!(
+                    "Verified {} preserved chunk(s): {} DAMAGED.\n",
+                    report.checked,
+                    report.mismatches.len()
+                )
+            };
+            if report.unhashed > 0 {
+                out += &format!(
+                    "{} chunk(s) preserved only for non-persistent shadow copies carry no hash.\n",
+                    report.unhashed
+                );
+            }
             for m in &report.mismatches {
                 let ids: Vec<String> = m.snapshots.iter().map(Uuid::to_string).collect();
                 out += &format!(

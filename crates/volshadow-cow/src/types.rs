@@ -181,5 +181,8 @@ pub struct Mismatch {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub checked: u64,
+    /// Copies that carry no hash: made while no persistent snapshot
+    /// existed, so only non-persistent snapshots (gone on reopen) read them.
+    pub unhashed: u64,
     pub mismatches: Vec<Mismatch>,
 }

@@ -42,18 +42,9 @@ impl BlockDevice for SnapshotView {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> volshadow_block::Result<()> {
         check_range(self, Op::Read, offset, buf.len() as u64)?;
-        let geo = &self.inner.geo;
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let abs = offset + pos as u64;
-            let c = abs >> geo.shift;
-            let in_chunk = abs - (c << geo.shift);
-            let n = ((geo.chunk - in_chunk) as usize).min(buf.len() - pos);
-            self.inner
-                .read_snapshot_piece(self.id, self.seq, c, in_chunk, &mut buf[pos..pos + n])
-                .map_err(|e| e.into_block(self.name()))?;
-            pos += n;
-        }
+        self.inner
+            .read_snapshot(self.id, self.seq, offset, buf)
+            .map_err(|e| e.into_block(self.name()))?;
         Ok(())
     }
 

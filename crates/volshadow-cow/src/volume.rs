@@ -35,6 +35,12 @@ use crate::view::SnapshotView;
 /// `c % STRIPES` until the origin write is done; a snapshot read of `c`
 /// holds it while it decides where to read from and reads.
 const STRIPES: usize = 1024;
+
+/// Batches at least this large are hashed on a second thread.
+const PARALLEL_HASH_BYTES: usize = 256 << 10;
+
+/// Hash-table entry of a copy made while no persistent snapshot existed.
+const UNRECORDED_HASH: [u8; HASH_LEN as usize] = [0; HASH_LEN as usize];
 /// Versions per checkpoint record.
 const CHECKPOINT_BATCH: usize = 4096;
 /// Revert journals its progress every this many chunks.
@@ -139,6 +145,12 @@ pub(crate) struct State {
     revert: Option<RevertState>,
     journal: Journal,
     chunk: u64,
+    /// Copies made without records since the last checkpoint (no
+    /// persistent snapshot existed). Replaying the journal would then
+    /// rebuild an index without them, and deletes would retag and free
+    /// differently than in memory; the next persistent snapshot writes a
+    /// checkpoint first so that replay starts from the real index.
+    unjournaled: bool,
 }
 
 impl State {
@@ -179,6 +191,7 @@ impl State {
         if !self.journal.has_room(total) {
             let cp = self.checkpoint_records();
             self.journal.checkpoint(cp)?;
+            self.unjournaled = false;
         }
         if self.journal.has_room(total) {
             return self.journal.append_many(&records);
@@ -192,6 +205,7 @@ impl State {
         if !self.journal.has_room(len) {
             let records = self.checkpoint_records();
             self.journal.checkpoint(records)?;
+            self.unjournaled = false;
         }
         self.journal.append(&rec)
     }
@@ -497,6 +511,7 @@ impl Volume {
             revert: None,
             journal,
             chunk,
+            unjournaled: false,
         };
         info!(origin = %origin.name(), diff = %diff.name(), slots, "created diff area");
         Self::assemble(origin, diff, &sb, state)
@@ -531,6 +546,7 @@ impl Volume {
                 revert: None,
                 journal,
                 chunk: geo.chunk,
+                unjournaled: false,
             },
             used: AtomicBitmap::new(geo.slots as u64),
             chunks: geo.chunks,
@@ -899,7 +915,7 @@ impl Volume {
         let total = versions.len() as u64;
         let mut mismatches = Vec::new();
         let mut buf = vec![0u8; inner.geo.chunk as usize];
-        let mut checked = 0;
+        let (mut checked, mut unhashed) = (0, 0);
         for (i, v) in versions.into_iter().enumerate() {
             let _stripe = inner.stripe(v.chunk as u64);
             let st = inner.state_read();
@@ -915,6 +931,11 @@ impl Volume {
             inner
                 .diff
                 .read_at(&mut want, inner.geo.hash_offset(v.slot))?;
+            if want == UNRECORDED_HASH {
+                unhashed += 1;
+                progress(i as u64 + 1, total);
+                continue;
+            }
             checked += 1;
             if *blake3::hash(&buf[..len]).as_bytes() != want {
                 let low = st.index.prev_tag(v.chunk, v.tag).unwrap_or(0);
@@ -939,6 +960,7 @@ impl Volume {
         }
         Ok(VerifyReport {
             checked,
+            unhashed,
             mismatches,
         })
     }
@@ -1034,6 +1056,11 @@ impl Inner {
         let mut attrs = options.attributes & !attributes::PERSISTENT;
         if options.persistent {
             attrs |= attributes::PERSISTENT | attributes::NO_AUTO_RELEASE;
+        }
+        if options.persistent && st.unjournaled {
+            let records = st.checkpoint_records();
+            st.journal.checkpoint(records).map_err(|e| self.fail(e))?;
+            st.unjournaled = false;
         }
         let rec = SnapshotRecord {
             seq: st.next_seq,
@@ -1183,7 +1210,7 @@ impl Inner {
     fn preserve_many(&self, chunks: &[u64]) -> Result<Option<(u64, u64)>> {
         // Chunks copied by an earlier write that failed before marking them:
         // copying again would journal a duplicate; only durability is owed.
-        let (todo, mut durable) = {
+        let (todo, mut durable, journaled) = {
             let st = self.state_read();
             let Some(tag) = st.newest() else {
                 return Ok(None);
@@ -1195,7 +1222,13 @@ impl Inner {
                 .collect();
             let owed = (todo.len() < chunks.len() && st.any_persistent())
                 .then(|| (st.journal.epoch(), st.journal.next_seq()));
-            (todo, owed)
+            // With no persistent snapshot, every snapshot these copies can
+            // serve is discarded on reopen, and none can become persistent
+            // (snapshots are only created with the gate closed): recovery
+            // never needs their records or hashes. The next persistent
+            // snapshot checkpoints the index (see `State::unjournaled`).
+            // An all-zero hash entry says "not recorded" to `verify`.
+            (todo, owed, st.any_persistent())
         };
         if todo.is_empty() {
             return Ok(durable);
@@ -1208,14 +1241,6 @@ impl Inner {
             self.origin
                 .read_at(&mut data[i * cs..i * cs + (end - off) as usize], off)?;
         }
-        let hashes: Vec<[u8; 32]> = todo
-            .iter()
-            .enumerate()
-            .map(|(k, &c)| {
-                let (_, len) = self.geo.chunk_range(c);
-                *blake3::hash(&data[k * cs..k * cs + len]).as_bytes()
-            })
-            .collect();
         let mut slots = Vec::with_capacity(todo.len());
         {
             let mut st = self.state_write();
@@ -1231,12 +1256,47 @@ impl Inner {
                 }
             }
         }
-        let written = runs(&slots).try_for_each(|(i, j)| {
-            self.diff
-                .write_at(&data[i * cs..j * cs], self.geo.slot_offset(slots[i]))?;
-            self.diff
-                .write_at(&hashes[i..j].concat(), self.geo.hash_offset(slots[i]))
-        });
+        let hash_all = || -> Vec<[u8; 32]> {
+            todo.iter()
+                .enumerate()
+                .map(|(k, &c)| {
+                    let (_, len) = self.geo.chunk_range(c);
+                    if journaled {
+                        *blake3::hash(&data[k * cs..k * cs + len]).as_bytes()
+                    } else {
+                        UNRECORDED_HASH
+                    }
+                })
+                .collect()
+        };
+        let write_data = || {
+            runs(&slots).try_for_each(|(i, j)| {
+                self.diff
+                    .write_at(&data[i * cs..j * cs], self.geo.slot_offset(slots[i]))
+            })
+        };
+        // A large batch hashes on a second thread while its copies go out:
+        // the hashes only have to be ready for the records.
+        let (hashes, mut written) = if journaled && data.len() >= PARALLEL_HASH_BYTES {
+            std::thread::scope(|s| {
+                let hasher = s.spawn(hash_all);
+                let written = write_data();
+                (
+                    hasher
+                        .join()
+                        .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                    written,
+                )
+            })
+        } else {
+            (hash_all(), write_data())
+        };
+        if written.is_ok() {
+            written = runs(&slots).try_for_each(|(i, j)| {
+                self.diff
+                    .write_at(&hashes[i..j].concat(), self.geo.hash_offset(slots[i]))
+            });
+        }
         let mut st = self.state_write();
         let release = |st: &mut State| {
             for s in &slots {
@@ -1251,22 +1311,25 @@ impl Inner {
             release(&mut st);
             return Ok(durable);
         };
-        let mark = st.journal.durable();
-        let records = todo
-            .iter()
-            .zip(&slots)
-            .zip(&hashes)
-            .map(|((&c, &slot), hash)| Record::Preserve {
-                version: VersionRecord {
-                    chunk: c as u32,
-                    tag,
-                    slot,
-                },
-                hash: *hash,
-                durable: mark,
-            })
-            .collect();
-        st.log_many(records).map_err(|e| self.fail(e))?;
+        if journaled {
+            let mark = st.journal.durable();
+            let records = todo
+                .iter()
+                .zip(&slots)
+                .zip(&hashes)
+                .map(|((&c, &slot), hash)| Record::Preserve {
+                    version: VersionRecord {
+                        chunk: c as u32,
+                        tag,
+                        slot,
+                    },
+                    hash: *hash,
+                    durable: mark,
+                })
+                .collect();
+            st.log_many(records).map_err(|e| self.fail(e))?;
+        }
+        st.unjournaled |= !journaled;
         for (&c, &slot) in todo.iter().zip(&slots) {
             st.index.insert(c as u32, tag, slot);
             self.has_any.set(c);
@@ -1390,43 +1453,75 @@ impl Inner {
         Ok(Some(out))
     }
 
-    /// Reads chunk `c` as snapshot `seq` sees it (`buf` = the chunk's bytes).
-    pub(crate) fn read_snapshot_chunk(
+    /// Reads `buf.len()` bytes at `offset` as snapshot `seq` sees them.
+    /// The stripe locks of every chunk touched are held (in the order
+    /// writers take them) so no writer can preserve and overwrite a chunk
+    /// between the lookup and the read. Runs of chunks that sit next to
+    /// each other in the same place go out as one request.
+    pub(crate) fn read_snapshot(
         &self,
         id: Uuid,
         seq: u64,
-        c: u64,
+        offset: u64,
         buf: &mut [u8],
     ) -> Result<()> {
-        self.read_snapshot_piece(id, seq, c, 0, buf)
-    }
-
-    /// Reads `buf.len()` bytes at `in_chunk` within chunk `c` of snapshot
-    /// `seq`. The stripe lock keeps a writer from preserving and
-    /// overwriting the chunk between the lookup and the read.
-    pub(crate) fn read_snapshot_piece(
-        &self,
-        id: Uuid,
-        seq: u64,
-        c: u64,
-        in_chunk: u64,
-        buf: &mut [u8],
-    ) -> Result<()> {
-        let _stripe = self.stripe(c);
-        let slot = {
+        let end = offset + buf.len() as u64;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let shift = self.geo.shift;
+        let first = offset >> shift;
+        let last = (end - 1) >> shift;
+        let mut stripes: Vec<usize> = (first..=last).map(|c| c as usize % STRIPES).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let _guards: Vec<MutexGuard<'_, ()>> = stripes
+            .iter()
+            .map(|&i| {
+                self.stripes[i]
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+            })
+            .collect();
+        // Where each chunk lives: a diff-area slot, or the origin (None).
+        let places: Vec<Option<u32>> = {
             let st = self.state_read();
             if !st.snapshots.contains_key(&seq) {
                 return Err(Error::SnapshotNotFound(id));
             }
-            if self.has_any.get(c) {
-                st.index.lookup(c as u32, seq).map(|(_, s)| s)
-            } else {
-                None
-            }
+            (first..=last)
+                .map(|c| {
+                    if self.has_any.get(c) {
+                        st.index.lookup(c as u32, seq).map(|(_, s)| s)
+                    } else {
+                        None
+                    }
+                })
+                .collect()
         };
-        match slot {
-            Some(s) => self.diff.read_at(buf, self.geo.slot_offset(s) + in_chunk)?,
-            None => self.origin.read_at(buf, (c << self.geo.shift) + in_chunk)?,
+        let mut k = 0;
+        while k < places.len() {
+            let mut e = k + 1;
+            while e < places.len()
+                && match (places[e - 1], places[e]) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => a.checked_add(1) == Some(b),
+                    _ => false,
+                }
+            {
+                e += 1;
+            }
+            let start = (first + k as u64) << shift;
+            let lo = start.max(offset);
+            let hi = ((first + e as u64) << shift).min(end);
+            let dst = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
+            match places[k] {
+                Some(s) => self
+                    .diff
+                    .read_at(dst, self.geo.slot_offset(s) + (lo - start))?,
+                None => self.origin.read_at(dst, lo)?,
+            }
+            k = e;
         }
         Ok(())
     }
@@ -1447,7 +1542,7 @@ impl Inner {
                 let (off, len) = self.geo.chunk_range(c);
                 let differs = self.state_read().index.lookup(c as u32, seq).is_some();
                 if differs {
-                    self.read_snapshot_chunk(id, seq, c, &mut buf[..len])?;
+                    self.read_snapshot(id, seq, off, &mut buf[..len])?;
                     self.write_locked(Payload::Data(&buf[..len]), off)?;
                 }
             }
@@ -1494,7 +1589,12 @@ impl BlockDevice for Volume {
     }
 
     fn flush(&self) -> volshadow_block::Result<()> {
-        self.inner.diff.flush()?;
+        // Only persistent snapshots must survive a crash: with none, the
+        // copies may stay in the diff area's cache (recovery discards
+        // non-persistent snapshots and every copy only they reference).
+        if self.inner.state_read().any_persistent() {
+            self.inner.diff.flush()?;
+        }
         self.inner.origin.flush()
     }
 

@@ -273,6 +273,24 @@ impl StateMachineTest for EngineTest {
                 buf == m.snaps[i].data,
                 "snapshot {i} differs from the model"
             );
+            // Reads that start and end inside chunks, across chunk runs
+            // that live in different places.
+            for (off, len) in [
+                (1, 2 * CHUNK + 5),
+                (CHUNK - 1, 2),
+                (LEN - CHUNK - 7, CHUNK + 7),
+            ] {
+                let mut part = vec![0u8; len];
+                s.vol
+                    .snapshot(*id)
+                    .unwrap()
+                    .read_at(&mut part, off as u64)
+                    .unwrap();
+                assert!(
+                    part[..] == m.snaps[i].data[off..off + len],
+                    "snapshot {i} differs from the model at {off}+{len}"
+                );
+            }
         }
         let u = s.vol.usage();
         assert!(u.used_bytes <= u.max_bytes);
