@@ -398,3 +398,66 @@ paths = ["/srv/db"]
     );
     assert_eq!(shadow_ids(d, "disk.img").len(), 1);
 }
+
+#[test]
+fn preallocated_shadow_storage_is_allocated_and_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    vs(d, &["image", "create", "disk.img", "--size", "4M"]);
+    vs(
+        d,
+        &[
+            "add",
+            "shadowstorage",
+            "--for",
+            "disk.img",
+            "--on",
+            "disk.diff",
+            "--maxsize",
+            "8M",
+            "--preallocate",
+        ],
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(d.join("disk.diff")).unwrap();
+        assert!(
+            meta.blocks() * 512 >= meta.len(),
+            "{} of {} bytes allocated",
+            meta.blocks() * 512,
+            meta.len()
+        );
+    }
+    let a = pattern(1 << 20, 3);
+    write_file(d, "a.bin", &a);
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "a.bin",
+        ],
+    );
+    vs(
+        d,
+        &["create", "shadow", "--for", "disk.img", "--persistent"],
+    );
+    let id = shadow_ids(d, "disk.img")[0].clone();
+    write_file(d, "b.bin", &pattern(1 << 20, 9));
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "b.bin",
+        ],
+    );
+    vs(
+        d,
+        &[
+            "export", "--for", "disk.img", "--shadow", &id, "--output", "snap.raw",
+        ],
+    );
+    let snap = std::fs::read(d.join("snap.raw")).unwrap();
+    assert_eq!(&snap[..1 << 20], &a[..]);
+    assert!(snap[1 << 20..].iter().all(|&b| b == 0));
+    let out = vs(d, &["verify", "--for", "disk.img"]);
+    assert!(out.contains("all match"), "{out}");
+}
