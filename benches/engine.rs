@@ -50,6 +50,26 @@ fn file_volume(dir: &std::path::Path, mb: u64) -> Volume {
     Volume::create(origin, diff, VolumeOptions::default()).unwrap()
 }
 
+fn kind(persistent: bool) -> &'static str {
+    if persistent {
+        "persistent"
+    } else {
+        "non_persistent"
+    }
+}
+
+/// Creates and deletes snapshots on `vol`, timing only the creation.
+fn time_creates(vol: &Volume, persistent: bool, iters: u64) -> Duration {
+    let mut t = Duration::ZERO;
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        let s = vol.create_snapshot(opts(persistent)).unwrap();
+        t += t0.elapsed();
+        vol.delete_snapshot(s.id).unwrap();
+    }
+    t
+}
+
 fn snapshot_create(c: &mut Criterion) {
     let mut g = c.benchmark_group("snapshot_create");
     let sizes: &[u64] = if quick() {
@@ -64,21 +84,28 @@ fn snapshot_create(c: &mut Criterion) {
             VolumeOptions::default(),
         )
         .unwrap();
-        g.bench_with_input(
-            BenchmarkId::new("non_persistent", format!("{}GiB", size >> 30)),
-            &size,
-            |b, _| {
-                b.iter_custom(|iters| {
-                    let mut t = Duration::ZERO;
-                    for _ in 0..iters {
-                        let t0 = Instant::now();
-                        let s = vol.create_snapshot(opts(false)).unwrap();
-                        t += t0.elapsed();
-                        vol.delete_snapshot(s.id).unwrap();
-                    }
-                    t
-                })
-            },
+        for persistent in [false, true] {
+            g.bench_function(
+                BenchmarkId::new(kind(persistent), format!("{}GiB_sparse", size >> 30)),
+                |b| b.iter_custom(|iters| time_creates(&vol, persistent, iters)),
+            );
+        }
+    }
+    // With data written: every chunk of the origin holds data and a copy
+    // for an older snapshot, so creation must reset a full bitmap.
+    let mb = image_mb();
+    let dir = tempdir();
+    let vol = file_volume(dir.path(), mb);
+    vol.create_snapshot(opts(true)).unwrap();
+    let chunk = vec![0xC3u8; 1 << 20];
+    for i in 0..mb {
+        vol.write_at(&chunk, i << 20).unwrap();
+    }
+    vol.flush().unwrap();
+    for persistent in [false, true] {
+        g.bench_function(
+            BenchmarkId::new(kind(persistent), format!("{mb}MiB_written_and_preserved")),
+            |b| b.iter_custom(|iters| time_creates(&vol, persistent, iters)),
         );
     }
     g.finish();

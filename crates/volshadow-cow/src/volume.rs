@@ -1356,6 +1356,23 @@ impl Inner {
         Ok(())
     }
 
+    /// Locks the stripes of `chunks` in ascending order (so two callers
+    /// never wait on each other crosswise); held while a chunk is copied or
+    /// read from its snapshot place.
+    fn lock_stripes(&self, chunks: impl Iterator<Item = u64>) -> Vec<MutexGuard<'_, ()>> {
+        let mut stripes: Vec<usize> = chunks.map(|c| c as usize % STRIPES).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        stripes
+            .iter()
+            .map(|&i| {
+                self.stripes[i]
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+            })
+            .collect()
+    }
+
     /// The write path. The caller is inside the gate (or holds it closed).
     fn write_locked(&self, payload: Payload<'_>, offset: u64) -> Result<()> {
         self.check_ok()?;
@@ -1372,17 +1389,7 @@ impl Inner {
         if need.is_empty() {
             return self.write_origin(payload, offset);
         }
-        let mut stripes: Vec<usize> = need.iter().map(|&c| c as usize % STRIPES).collect();
-        stripes.sort_unstable();
-        stripes.dedup();
-        let _guards: Vec<MutexGuard<'_, ()>> = stripes
-            .iter()
-            .map(|&i| {
-                self.stripes[i]
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-            })
-            .collect();
+        let _guards = self.lock_stripes(need.iter().copied());
         // Re-check under the stripe locks: another writer may have copied.
         let fresh: Vec<u64> = need
             .into_iter()
@@ -1472,17 +1479,7 @@ impl Inner {
         let shift = self.geo.shift;
         let first = offset >> shift;
         let last = (end - 1) >> shift;
-        let mut stripes: Vec<usize> = (first..=last).map(|c| c as usize % STRIPES).collect();
-        stripes.sort_unstable();
-        stripes.dedup();
-        let _guards: Vec<MutexGuard<'_, ()>> = stripes
-            .iter()
-            .map(|&i| {
-                self.stripes[i]
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-            })
-            .collect();
+        let _guards = self.lock_stripes(first..=last);
         // Where each chunk lives: a diff-area slot, or the origin (None).
         let places: Vec<Option<u32>> = {
             let st = self.state_read();
