@@ -656,15 +656,6 @@ fn run(cmd: Command) -> Result<()> {
     }
 }
 
-/// Diff-area file size for a limit of `maxsize`: room for the layout to
-/// hold max(maxsize, origin) of copies, so the limit can later be raised
-/// that far. The file is sparse: unused room costs nothing.
-fn diff_file_size(maxsize: u64, origin_len: u64, chunk: u64) -> u64 {
-    let data = maxsize.max(origin_len).next_multiple_of(chunk);
-    let slots = data / chunk;
-    data + slots * (32 + 64) + (512 << 10)
-}
-
 /// The shape of a new diff area.
 struct StorageSpec {
     maxsize: u64,
@@ -711,7 +702,9 @@ fn add_shadowstorage(
     }
     let origin: Arc<dyn BlockDevice> =
         Arc::from(volshadow_block::open_device(img, &Default::default())?);
-    let size = diff_file_size(maxsize, origin.len(), chunk_size);
+    // Room for max(maxsize, origin) of copies, so the limit can later be
+    // raised that far. The file is sparse: unused room costs nothing.
+    let size = Volume::diff_area_len_for(maxsize.max(origin.len()), chunk);
     let created = FileImage::create(diff, size)
         .with_context(|| format!("creating shadow storage {}", diff.display()))?;
     if preallocate && let Err(e) = fill_zeros(&created) {
