@@ -687,13 +687,7 @@ impl Volume {
         for c in state.index.chunks_of(newest) {
             preserved.set(c as u64);
         }
-        let commit = GroupCommit::new(diff.clone()).map_err(|e| {
-            Error::Block(volshadow_block::Error::Layer {
-                device: diff.name(),
-                kind: e.kind(),
-                source: Box::new(e),
-            })
-        })?;
+        let commit = GroupCommit::new(diff.clone());
         Ok(Volume {
             inner: Arc::new(Inner {
                 origin,
