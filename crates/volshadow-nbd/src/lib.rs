@@ -4,13 +4,15 @@
 //! Options: GO, INFO, LIST, ABORT, STRUCTURED_REPLY, LIST_META_CONTEXT and
 //! SET_META_CONTEXT with `base:allocation` and `volshadow:changed`.
 //! Commands: READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS,
-//! CACHE, DISC. Each connection runs on its own thread.
+//! CACHE, DISC. Each connection runs on its own thread; the requests of
+//! one connection run concurrently on a few workers (`transmission`).
 #![forbid(unsafe_code)]
 
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod proto;
 mod server;
+mod transmission;
 
 use std::net::TcpListener;
 use std::sync::Arc;

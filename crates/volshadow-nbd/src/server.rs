@@ -1,14 +1,16 @@
-//! One NBD connection: fixed-newstyle handshake, option haggling, then
-//! the transmission phase. A protocol violation closes that connection
-//! only; a bad request gets an NBD error reply and the connection goes on.
+//! One NBD connection: fixed-newstyle handshake and option haggling, then
+//! the transmission phase (`transmission.rs`). A protocol violation closes
+//! that connection only; a bad request gets an NBD error reply and the
+//! connection goes on.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::sync::Arc;
 
-use tracing::{debug, warn};
-use volshadow_block::{BlockDevice, Extent};
+use tracing::debug;
+use volshadow_block::BlockDevice;
 
 use crate::proto::*;
+use crate::transmission::{self, Negotiated};
 
 /// Produces the changed extents `(offset, len)` of an export, sorted.
 pub type ChangedFn = Arc<dyn Fn() -> Vec<(u64, u64)> + Send + Sync>;
@@ -56,7 +58,7 @@ fn violation<T>(msg: impl Into<String>) -> Result<T> {
     Err(ConnectionError::Protocol(msg.into()))
 }
 
-const CONTEXT_ID_ALLOCATION: u32 = 1;
+pub(crate) const CONTEXT_ID_ALLOCATION: u32 = 1;
 const CONTEXT_ID_CHANGED: u32 = 2;
 
 struct Conn<'a, R: Read, W: Write> {
@@ -69,7 +71,7 @@ struct Conn<'a, R: Read, W: Write> {
 }
 
 /// Serves one client over `reader` / `writer` (two halves of a socket).
-pub fn serve_connection<R: Read, W: Write>(
+pub fn serve_connection<R: Read + Send, W: Write + Send>(
     exports: &dyn Exports,
     reader: R,
     writer: W,
@@ -86,16 +88,11 @@ pub fn serve_connection<R: Read, W: Write>(
         return Ok(());
     };
     debug!(export = %export.name, "transmission phase");
-    c.transmission(&export)
-}
-
-fn errno(e: &volshadow_block::Error) -> u32 {
-    match e.kind() {
-        io::ErrorKind::PermissionDenied => EPERM,
-        io::ErrorKind::InvalidInput => EINVAL,
-        io::ErrorKind::StorageFull => ENOSPC,
-        _ => EIO,
-    }
+    let negotiated = Negotiated {
+        structured: c.structured,
+        contexts: c.contexts,
+    };
+    transmission::run(&export, negotiated, &mut c.rd, c.wr)
 }
 
 impl<R: Read, W: Write> Conn<'_, R, W> {
@@ -277,259 +274,5 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             self.contexts = chosen.iter().map(|(id, _)| *id).collect();
         }
         self.opt_reply(opt, REP_ACK, &[])
-    }
-
-    fn simple_reply(&mut self, cookie: u64, error: u32, data: &[u8]) -> io::Result<()> {
-        self.wr.write_all(&SIMPLE_REPLY_MAGIC.to_be_bytes())?;
-        self.wr.write_all(&error.to_be_bytes())?;
-        self.wr.write_all(&cookie.to_be_bytes())?;
-        self.wr.write_all(data)?;
-        self.wr.flush()
-    }
-
-    fn chunk(&mut self, cookie: u64, flags: u16, kind: u16, payload: &[&[u8]]) -> io::Result<()> {
-        let len: usize = payload.iter().map(|p| p.len()).sum();
-        self.wr.write_all(&STRUCTURED_REPLY_MAGIC.to_be_bytes())?;
-        self.wr.write_all(&flags.to_be_bytes())?;
-        self.wr.write_all(&kind.to_be_bytes())?;
-        self.wr.write_all(&cookie.to_be_bytes())?;
-        self.wr.write_all(&(len as u32).to_be_bytes())?;
-        for p in payload {
-            self.wr.write_all(p)?;
-        }
-        Ok(())
-    }
-
-    /// An error reply: structured where the command requires it.
-    fn error(&mut self, req: &Request, error: u32, msg: &str) -> io::Result<()> {
-        if self.structured && matches!(req.kind, CMD_READ | CMD_BLOCK_STATUS) {
-            let mut p = error.to_be_bytes().to_vec();
-            p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-            p.extend_from_slice(msg.as_bytes());
-            self.chunk(req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, &[&p])?;
-            self.wr.flush()
-        } else {
-            self.simple_reply(req.cookie, error, &[])
-        }
-    }
-
-    fn transmission(&mut self, export: &Export) -> Result<()> {
-        let dev = export.device.clone();
-        let size = dev.len();
-        loop {
-            let mut hdr = [0u8; Request::LEN];
-            match self.rd.read_exact(&mut hdr) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e.into()),
-            }
-            let req = match Request::parse(&hdr) {
-                Ok(r) => r,
-                Err(e) => return violation(format!("bad request: {e:?}")),
-            };
-            let in_range = req
-                .offset
-                .checked_add(req.length as u64)
-                .is_some_and(|end| end <= size);
-            match req.kind {
-                CMD_WRITE => {
-                    if req.length > MAX_PAYLOAD {
-                        let _ = self.error(&req, EINVAL, "write too large");
-                        return violation(format!("write of {} bytes", req.length));
-                    }
-                    let mut data = vec![0u8; req.length as usize];
-                    self.rd.read_exact(&mut data)?;
-                    if dev.is_read_only() {
-                        self.error(&req, EPERM, "read-only export")?;
-                    } else if !in_range {
-                        self.error(&req, EINVAL, "write past the end")?;
-                    } else {
-                        let r = dev.write_at(&data, req.offset).and_then(|()| {
-                            if req.flags & CMD_FLAG_FUA != 0 {
-                                dev.flush()
-                            } else {
-                                Ok(())
-                            }
-                        });
-                        self.finish(&req, r)?;
-                    }
-                }
-                CMD_READ => {
-                    if req.length > MAX_PAYLOAD || !in_range {
-                        self.error(&req, EINVAL, "read out of range or too large")?;
-                        continue;
-                    }
-                    let mut data = vec![0u8; req.length as usize];
-                    match dev.read_at(&mut data, req.offset) {
-                        Ok(()) if self.structured => {
-                            if data.is_empty() {
-                                self.chunk(req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, &[])?;
-                            } else {
-                                self.chunk(
-                                    req.cookie,
-                                    REPLY_FLAG_DONE,
-                                    REPLY_TYPE_OFFSET_DATA,
-                                    &[&req.offset.to_be_bytes(), &data],
-                                )?;
-                            }
-                            self.wr.flush()?;
-                        }
-                        Ok(()) => self.simple_reply(req.cookie, 0, &data)?,
-                        Err(e) => self.error(&req, errno(&e), &e.to_string())?,
-                    }
-                }
-                CMD_DISC => {
-                    let _ = dev.flush();
-                    return Ok(());
-                }
-                CMD_FLUSH => {
-                    let r = dev.flush();
-                    self.finish(&req, r)?;
-                }
-                CMD_TRIM | CMD_WRITE_ZEROES => {
-                    if dev.is_read_only() {
-                        self.error(&req, EPERM, "read-only export")?;
-                    } else if !in_range {
-                        self.error(&req, EINVAL, "range past the end")?;
-                    } else {
-                        let zero_write =
-                            req.kind == CMD_WRITE_ZEROES && req.flags & CMD_FLAG_NO_HOLE != 0;
-                        let r = if zero_write {
-                            write_zeros(&*dev, req.offset, req.length as u64)
-                        } else {
-                            dev.discard(req.offset, req.length as u64)
-                        };
-                        let r = r.and_then(|()| {
-                            if req.flags & CMD_FLAG_FUA != 0 {
-                                dev.flush()
-                            } else {
-                                Ok(())
-                            }
-                        });
-                        self.finish(&req, r)?;
-                    }
-                }
-                CMD_CACHE => {
-                    if in_range {
-                        self.simple_reply(req.cookie, 0, &[])?;
-                    } else {
-                        self.error(&req, EINVAL, "range past the end")?;
-                    }
-                }
-                CMD_BLOCK_STATUS => self.block_status(&req, export, in_range)?,
-                other => {
-                    warn!(command = other, "unknown NBD command");
-                    self.error(&req, EINVAL, "unknown command")?;
-                }
-            }
-        }
-    }
-
-    fn finish(&mut self, req: &Request, r: volshadow_block::Result<()>) -> io::Result<()> {
-        match r {
-            Ok(()) => self.simple_reply(req.cookie, 0, &[]),
-            Err(e) => self.error(req, errno(&e), &e.to_string()),
-        }
-    }
-
-    fn block_status(&mut self, req: &Request, export: &Export, in_range: bool) -> io::Result<()> {
-        if !self.structured || self.contexts.is_empty() {
-            return self.error(req, EINVAL, "no metadata context negotiated");
-        }
-        if !in_range || req.length == 0 {
-            return self.error(req, EINVAL, "range past the end");
-        }
-        let (off, len) = (req.offset, req.length as u64);
-        let contexts = self.contexts.clone();
-        for (i, id) in contexts.iter().enumerate() {
-            let descs: Vec<(u32, u32)> = match *id {
-                CONTEXT_ID_ALLOCATION => match export.device.allocation(off, len) {
-                    Ok(Some(ext)) => ext
-                        .iter()
-                        .map(|e: &Extent| {
-                            let flags = if e.data { 0 } else { STATE_HOLE | STATE_ZERO };
-                            (e.len as u32, flags)
-                        })
-                        .collect(),
-                    Ok(None) => vec![(len as u32, 0)],
-                    Err(e) => return self.error(req, errno(&e), &e.to_string()),
-                },
-                _ => {
-                    let changed = export.changed.as_ref().map(|f| f()).unwrap_or_default();
-                    changed_descriptors(&changed, off, len)
-                }
-            };
-            let descs = if req.flags & CMD_FLAG_REQ_ONE != 0 {
-                descs.into_iter().take(1).collect()
-            } else {
-                descs
-            };
-            let mut payload = id.to_be_bytes().to_vec();
-            for (l, f) in descs {
-                payload.extend_from_slice(&l.to_be_bytes());
-                payload.extend_from_slice(&f.to_be_bytes());
-            }
-            let flags = if i + 1 == contexts.len() {
-                REPLY_FLAG_DONE
-            } else {
-                0
-            };
-            self.chunk(req.cookie, flags, REPLY_TYPE_BLOCK_STATUS, &[&payload])?;
-        }
-        self.wr.flush()
-    }
-}
-
-/// Descriptors of `off..off+len` from sorted changed extents.
-fn changed_descriptors(changed: &[(u64, u64)], off: u64, len: u64) -> Vec<(u32, u32)> {
-    let end = off + len;
-    let mut out: Vec<(u32, u32)> = Vec::new();
-    let mut push = |n: u64, flag: u32| {
-        if n == 0 {
-            return;
-        }
-        match out.last_mut() {
-            Some(last) if last.1 == flag => last.0 += n as u32,
-            _ => out.push((n as u32, flag)),
-        }
-    };
-    let mut at = off;
-    for &(s, l) in changed {
-        let (s, e) = (s.max(off), (s + l).min(end));
-        if s >= e {
-            continue;
-        }
-        push(s.saturating_sub(at), 0);
-        push(e - s.max(at), STATE_CHANGED);
-        at = e;
-    }
-    push(end.saturating_sub(at), 0);
-    out
-}
-
-fn write_zeros(dev: &dyn BlockDevice, mut off: u64, mut len: u64) -> volshadow_block::Result<()> {
-    let zeros = vec![0u8; len.min(1 << 20) as usize];
-    while len > 0 {
-        let n = len.min(zeros.len() as u64);
-        dev.write_at(&zeros[..n as usize], off)?;
-        off += n;
-        len -= n;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn changed_descriptors_cover_the_range() {
-        let ch = [(4096u64, 4096u64), (16384, 8192)];
-        assert_eq!(
-            changed_descriptors(&ch, 0, 32768),
-            vec![(4096, 0), (4096, 1), (8192, 0), (8192, 1), (8192, 0)]
-        );
-        assert_eq!(changed_descriptors(&ch, 6000, 100), vec![(100, 1)]);
-        assert_eq!(changed_descriptors(&[], 0, 10), vec![(10, 0)]);
     }
 }
