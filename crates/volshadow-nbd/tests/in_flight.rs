@@ -2,6 +2,8 @@
 //! hold back the ones after it, every cookie gets exactly one reply, and
 //! pipelined writes and reads, more than the in-flight budget, are exact.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
