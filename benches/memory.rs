@@ -1,7 +1,8 @@
 //! RAM per preserved chunk, counted by an allocation-tracking global
 //! allocator (dhat), not estimated: heap bytes held after preserving N
-//! chunks minus before, with the bitmaps (1 bit + 1 bit per origin chunk,
-//! fixed at open) reported apart.
+//! chunks minus before. What a volume holds whatever it preserves (the
+//! `preserved` bitmap, the copy hint, buffers) is counted at creation and
+//! reported apart, per origin chunk.
 //!
 //! `cargo bench --bench memory` (VOLSHADOW_BENCH_QUICK=1: smaller N).
 #![allow(clippy::unwrap_used)]
@@ -28,6 +29,15 @@ fn main() {
     // MemDevice data is counted, so it is measured and subtracted below.
     let origin = Arc::new(MemDevice::new(origin_len));
     let diff = Arc::new(MemDevice::new(n * chunk * 3 + (64 << 20)));
+    // Touch every device segment first so their memory is not counted.
+    let buf = vec![0u8; 1 << 20];
+    for dev in [&origin, &diff] {
+        for off in (0..dev.len()).step_by(1 << 20) {
+            let n = (dev.len() - off).min(1 << 20) as usize;
+            dev.write_at(&buf[..n], off).unwrap();
+        }
+    }
+    let unopened = heap();
     let vol = Volume::create(
         origin.clone(),
         diff.clone(),
@@ -37,18 +47,11 @@ fn main() {
         },
     )
     .unwrap();
+    let fixed = heap() - unopened;
     let persistent = SnapshotOptions {
         persistent: true,
         ..Default::default()
     };
-    // Touch every device segment first so their memory is not counted.
-    let buf = vec![0u8; 1 << 20];
-    for dev in [&origin, &diff] {
-        for off in (0..dev.len()).step_by(1 << 20) {
-            let n = (dev.len() - off).min(1 << 20) as usize;
-            dev.write_at(&buf[..n], off).unwrap();
-        }
-    }
     vol.create_snapshot(persistent.clone()).unwrap();
     let before = heap();
     // Half the copies under one snapshot, half under the next (frozen and
@@ -65,15 +68,15 @@ fn main() {
     assert_eq!(vol.usage().preserved_chunks, n);
     let per = (after as f64 - before as f64) / n as f64;
     let hot = (second_half as f64 - before as f64) / n as f64;
-    let bitmaps = 2 * (origin_len / chunk).div_ceil(64) * 8;
+    let origin_chunks = origin_len / chunk;
     println!("preserved chunks: {n}");
     println!(
         "heap growth while preserving (newest tag still a hash map): {hot:.2} bytes per chunk"
     );
     println!("heap held once frozen by the next snapshot: {per:.2} bytes per preserved chunk");
     println!(
-        "bitmaps: {bitmaps} bytes for {} origin chunks (2 bits each, allocated at open)",
-        origin_len / chunk
+        "held by the volume at creation: {fixed} bytes for {origin_chunks} origin chunks ({:.3} bits each)",
+        fixed as f64 * 8.0 / origin_chunks as f64
     );
     println!(
         "engine's own estimate (metadata_bytes): {} bytes",

@@ -38,9 +38,50 @@ impl AtomicBitmap {
     }
 }
 
+/// Chunks per bit of a [`CopyHint`].
+const HINT_GROUP: u64 = 64;
+
+/// One bit per group of 64 chunks: set once any chunk of the group gets a
+/// preserved copy, never cleared while the volume is open. A clear bit
+/// proves that no snapshot holds a copy of those chunks, so snapshot reads
+/// of regions never written since the first snapshot skip the index. At
+/// 1/64 bit per origin chunk it keeps the fixed cost of a volume at about
+/// one bit per origin chunk (the `preserved` bitmap).
+#[derive(Debug)]
+pub(crate) struct CopyHint(AtomicBitmap);
+
+impl CopyHint {
+    pub(crate) fn new(chunks: u64) -> Self {
+        CopyHint(AtomicBitmap::new(chunks.div_ceil(HINT_GROUP)))
+    }
+
+    pub(crate) fn set(&self, chunk: u64) {
+        self.0.set(chunk / HINT_GROUP);
+    }
+
+    /// False only if no chunk of `chunk`'s group was ever copied.
+    pub(crate) fn may_have_copy(&self, chunk: u64) -> bool {
+        self.0.get(chunk / HINT_GROUP)
+    }
+
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.0.heap_bytes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_hint_covers_its_group() {
+        let h = CopyHint::new(64 * 64 * 3);
+        assert!(!h.may_have_copy(200));
+        h.set(200);
+        assert!(h.may_have_copy(192) && h.may_have_copy(255));
+        assert!(!h.may_have_copy(191) && !h.may_have_copy(256));
+        assert_eq!(h.heap_bytes(), 24);
+    }
 
     #[test]
     fn set_get_clear() {

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 use volshadow_block::{BlockDevice, Op, check_range};
 
-use crate::bitmap::{AtomicBitmap, EpochBitmap};
+use crate::bitmap::{AtomicBitmap, CopyHint, EpochBitmap};
 use crate::commit::GroupCommit;
 use crate::error::{Error, Result};
 use crate::format::{
@@ -397,9 +397,9 @@ pub(crate) struct Inner {
     state: RwLock<State>,
     /// Chunks preserved since the newest snapshot was taken.
     preserved: EpochBitmap,
-    /// Chunks that have (or once had) a preserved version: a hint that lets
-    /// snapshot reads of never-changed chunks skip the index.
-    has_any: AtomicBitmap,
+    /// Groups of chunks that have (or once had) a preserved version: lets
+    /// snapshot reads of never-changed regions skip the index.
+    copied: CopyHint,
     /// Newest live snapshot's seq, 0 when there is none.
     newest: AtomicU64,
     stripes: Box<[Mutex<()>]>,
@@ -679,9 +679,9 @@ impl Volume {
     ) -> Result<Self> {
         let geo = Geometry::from_superblock(sb);
         let preserved = EpochBitmap::new(geo.chunks);
-        let has_any = AtomicBitmap::new(geo.chunks);
+        let copied = CopyHint::new(geo.chunks);
         for v in state.index.iter() {
-            has_any.set(v.chunk as u64);
+            copied.set(v.chunk as u64);
         }
         let newest = state.newest().unwrap_or(0);
         for c in state.index.chunks_of(newest) {
@@ -696,7 +696,7 @@ impl Volume {
                 gate: Gate::default(),
                 state: RwLock::new(state),
                 preserved,
-                has_any,
+                copied,
                 newest: AtomicU64::new(newest),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 commit,
@@ -902,7 +902,7 @@ impl Volume {
             // way (a journaled revert must be able to finish).
             if let Some(newest) = st.newest().filter(|&n| n != seq) {
                 let needed = (0..inner.geo.chunks)
-                    .filter(|&c| inner.has_any.get(c))
+                    .filter(|&c| inner.copied.may_have_copy(c))
                     .filter(|&c| {
                         st.index.lookup(c as u32, seq).is_some()
                             && !st.index.contains(c as u32, newest)
@@ -998,12 +998,12 @@ impl Volume {
         self.inner.commit.flush_count()
     }
 
-    /// Heap bytes of the in-memory metadata: the version index plus the two
-    /// per-chunk bitmaps.
+    /// Heap bytes of the in-memory metadata: the version index, the
+    /// per-chunk `preserved` bitmap and the per-group copy hint.
     pub fn metadata_bytes(&self) -> usize {
         self.inner.state_read().index.heap_bytes()
             + self.inner.preserved.heap_bytes()
-            + self.inner.has_any.heap_bytes()
+            + self.inner.copied.heap_bytes()
     }
 
     /// True after an I/O failure that needs a reopen.
@@ -1360,7 +1360,7 @@ impl Inner {
         st.unjournaled |= !journaled;
         for (&c, &slot) in todo.iter().zip(&slots) {
             st.index.insert(c as u32, tag, slot);
-            self.has_any.set(c);
+            self.copied.set(c);
         }
         if st.any_persistent() {
             durable = Some((st.journal.epoch(), st.journal.next_seq()));
@@ -1455,7 +1455,8 @@ impl Inner {
         let mut c = first;
         while c <= last {
             let preserved = |c: u64| {
-                self.has_any.get(c) && self.state_read().index.lookup(c as u32, seq).is_some()
+                self.copied.may_have_copy(c)
+                    && self.state_read().index.lookup(c as u32, seq).is_some()
             };
             let kind = preserved(c);
             let mut d = c + 1;
@@ -1516,7 +1517,7 @@ impl Inner {
             }
             (first..=last)
                 .map(|c| {
-                    if self.has_any.get(c) {
+                    if self.copied.may_have_copy(c) {
                         st.index.lookup(c as u32, seq).map(|(_, s)| s)
                     } else {
                         None
@@ -1563,7 +1564,7 @@ impl Inner {
         };
         let mut buf = vec![0u8; self.geo.chunk as usize];
         for c in start..self.geo.chunks {
-            if self.has_any.get(c) {
+            if self.copied.may_have_copy(c) {
                 let (off, len) = self.geo.chunk_range(c);
                 let differs = self.state_read().index.lookup(c as u32, seq).is_some();
                 if differs {
