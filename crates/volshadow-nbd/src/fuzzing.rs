@@ -7,7 +7,7 @@ use std::sync::Arc;
 use volshadow_block::{BlockDevice, MemDevice};
 
 use crate::proto::{Request, parse_info, parse_meta};
-use crate::{Export, Exports, serve_connection};
+use crate::{ConnectionOptions, Export, Exports, serve_connection_with};
 
 struct Two {
     rw: Arc<MemDevice>,
@@ -80,5 +80,9 @@ pub fn session(data: &[u8]) {
         rw: Arc::new(MemDevice::new(64 << 10)),
         ro: Arc::new(ReadOnly(MemDevice::new(64 << 10))),
     };
-    let _ = serve_connection(&exports, data, std::io::sink());
+    // One worker: every input runs the same way each time, and no thread
+    // outlives the input (libFuzzer's leak check would catch a worker
+    // still running its thread-local destructors).
+    let options = ConnectionOptions { workers: 1 };
+    let _ = serve_connection_with(&exports, data, std::io::sink(), options);
 }

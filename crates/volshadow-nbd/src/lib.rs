@@ -20,7 +20,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::{info, warn};
 
-pub use server::{ChangedFn, ConnectionError, Export, Exports, serve_connection};
+pub use server::{
+    ChangedFn, ConnectionError, ConnectionOptions, Export, Exports, serve_connection,
+    serve_connection_with,
+};
 
 /// Accepts TCP clients until `stop` is set, one thread each.
 pub fn serve_tcp(listener: TcpListener, exports: Arc<dyn Exports>, stop: Arc<AtomicBool>) {

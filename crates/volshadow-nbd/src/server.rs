@@ -70,11 +70,36 @@ struct Conn<'a, R: Read, W: Write> {
     contexts: Vec<u32>,
 }
 
-/// Serves one client over `reader` / `writer` (two halves of a socket).
+/// How one connection is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionOptions {
+    /// Requests of the connection run at once (at least 1); worker threads
+    /// beyond the calling one start as the queue needs them.
+    pub workers: usize,
+}
+
+impl Default for ConnectionOptions {
+    fn default() -> Self {
+        ConnectionOptions { workers: 4 }
+    }
+}
+
+/// Serves one client over `reader` / `writer` (two halves of a socket)
+/// with the default [`ConnectionOptions`].
 pub fn serve_connection<R: Read + Send, W: Write + Send>(
     exports: &dyn Exports,
     reader: R,
     writer: W,
+) -> Result<()> {
+    serve_connection_with(exports, reader, writer, ConnectionOptions::default())
+}
+
+/// Serves one client over `reader` / `writer` as `options` say.
+pub fn serve_connection_with<R: Read + Send, W: Write + Send>(
+    exports: &dyn Exports,
+    reader: R,
+    writer: W,
+    options: ConnectionOptions,
 ) -> Result<()> {
     let mut c = Conn {
         exports,
@@ -92,7 +117,7 @@ pub fn serve_connection<R: Read + Send, W: Write + Send>(
         structured: c.structured,
         contexts: c.contexts,
     };
-    transmission::run(&export, negotiated, &mut c.rd, c.wr)
+    transmission::run(&export, negotiated, options.workers.max(1), &mut c.rd, c.wr)
 }
 
 impl<R: Read, W: Write> Conn<'_, R, W> {

@@ -8,7 +8,8 @@
 //! replies of different requests never interleave; they may come back in
 //! any order, as NBD allows (clients match them by cookie, and a client
 //! that needs order between two requests waits for the first reply).
-//! Workers are started as the queue needs them, up to `WORKERS`.
+//! Workers are started as the queue needs them, up to the connection's
+//! `workers` option.
 //!
 //! In-flight payload bytes are bounded, so a client pipelining large writes
 //! cannot make the server buffer without limit. Flush semantics hold: a
@@ -25,8 +26,6 @@ use volshadow_block::{BlockDevice, Extent};
 use crate::proto::*;
 use crate::server::{CONTEXT_ID_ALLOCATION, ConnectionError, Export};
 
-/// Requests of one connection running at once.
-const WORKERS: usize = 4;
 /// Read buffers and write payloads held for in-flight requests of one
 /// connection. One request larger than this still runs, alone.
 const MAX_IN_FLIGHT_BYTES: u64 = 16 << 20;
@@ -43,6 +42,7 @@ pub(crate) struct Negotiated {
 pub(crate) fn run<R: Read + Send, W: Write + Send>(
     export: &Export,
     negotiated: Negotiated,
+    workers: usize,
     rd: &mut BufReader<R>,
     wr: BufWriter<W>,
 ) -> Result<(), ConnectionError> {
@@ -53,6 +53,7 @@ pub(crate) fn run<R: Read + Send, W: Write + Send>(
         reader: Mutex::new(Reader { rd, end: None }),
         wr: Mutex::new(wr),
         budget: Budget::default(),
+        workers,
         started: AtomicUsize::new(1),
         waiting: AtomicUsize::new(0),
         send_error: Mutex::new(None),
@@ -94,6 +95,8 @@ struct Connection<'a, R, W: Write> {
     reader: Mutex<Reader<'a, R>>,
     wr: Mutex<BufWriter<W>>,
     budget: Budget,
+    /// Most workers to run, the calling thread included.
+    workers: usize,
     /// Workers started, the calling thread included.
     started: AtomicUsize,
     /// Workers waiting for their turn to read.
@@ -145,7 +148,7 @@ impl<'a, R: Read + Send, W: Write + Send> Connection<'a, R, W> {
                 && self
                     .started
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                        (n < WORKERS).then_some(n + 1)
+                        (n < self.workers).then_some(n + 1)
                     })
                     .is_ok()
             {
