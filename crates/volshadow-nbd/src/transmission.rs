@@ -132,12 +132,8 @@ impl<'a, R: Read + Send, W: Write + Send> Connection<'a, R, W> {
             }
             let job = match self.next_job(reader.rd) {
                 Ok(Some(job)) => job,
-                Ok(None) => {
-                    reader.end = Some(Ok(()));
-                    return;
-                }
-                Err(e) => {
-                    reader.end = Some(Err(e));
+                ended => {
+                    reader.end = Some(ended.map(|_| ()));
                     return;
                 }
             };
