@@ -49,6 +49,8 @@ const REVERT_STEP: u64 = 1024;
 const JOURNAL_BASE: u64 = 128 << 10;
 /// Journal bytes per slot: a checkpoint entry is at most ~21 bytes.
 const JOURNAL_PER_SLOT: u64 = 32;
+/// Unreported delete-oldest deletions kept for `take_auto_deleted`.
+const AUTO_DELETED_KEPT: usize = 1024;
 /// How long user operations wait for in-flight writes to drain.
 const DEFAULT_HOLD: Duration = Duration::from_secs(10);
 
@@ -406,6 +408,10 @@ pub(crate) struct Inner {
     commit: GroupCommit,
     failed: AtomicBool,
     max_snapshots: AtomicU64,
+    /// Snapshots the delete-oldest policy removed, not yet reported.
+    auto_deleted: Mutex<Vec<SnapshotInfo>>,
+    /// Snapshots the delete-oldest policy removed since open.
+    auto_deleted_total: AtomicU64,
 }
 
 impl std::fmt::Debug for Inner {
@@ -702,6 +708,8 @@ impl Volume {
                 commit,
                 failed: AtomicBool::new(false),
                 max_snapshots: AtomicU64::new(DEFAULT_MAX_SNAPSHOTS as u64),
+                auto_deleted: Mutex::new(Vec::new()),
+                auto_deleted_total: AtomicU64::new(0),
             }),
         })
     }
@@ -993,6 +1001,25 @@ impl Volume {
         })
     }
 
+    /// Snapshots the delete-oldest policy removed to make room since the
+    /// last call (oldest first). Each is returned once, so a caller that
+    /// reports them (a CLI line, a server log, a reply field) tells of each
+    /// deletion exactly once.
+    pub fn take_auto_deleted(&self) -> Vec<SnapshotInfo> {
+        std::mem::take(
+            &mut *self
+                .inner
+                .auto_deleted
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// How many snapshots the delete-oldest policy removed since open.
+    pub fn auto_deleted_count(&self) -> u64 {
+        self.inner.auto_deleted_total.load(Ordering::Relaxed)
+    }
+
     /// Diff-area flushes issued by group commit (one may cover many writes).
     pub fn group_commit_flushes(&self) -> u64 {
         self.inner.commit.flush_count()
@@ -1192,9 +1219,19 @@ impl Inner {
                     let Some(oldest) = st.snapshots.values().next() else {
                         return Ok(None);
                     };
-                    let (seq, id) = (oldest.seq, Uuid::from_bytes(oldest.id));
-                    warn!(%id, seq, "diff area full: deleting the oldest snapshot");
-                    self.delete_in_state(st, seq, None)?;
+                    let info = SnapshotInfo::from_record(oldest);
+                    warn!(id = %info.id, seq = info.seq, "diff area full: deleting the oldest snapshot");
+                    self.delete_in_state(st, info.seq, None)?;
+                    self.auto_deleted_total.fetch_add(1, Ordering::Relaxed);
+                    let mut told = self
+                        .auto_deleted
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    // Bounded: a caller that never asks keeps the newest.
+                    if told.len() >= AUTO_DELETED_KEPT {
+                        told.remove(0);
+                    }
+                    told.push(info);
                 }
                 FullPolicy::FailWrites => {
                     return Err(Error::DiffAreaFull {
