@@ -208,6 +208,10 @@ impl BlockDevice for FileImage {
             .map_err(|source| Error::io(&self.name(), Op::Query, offset, source))
     }
 
+    fn identity(&self) -> Option<[u8; 32]> {
+        sys::identity(&self.file)
+    }
+
     fn name(&self) -> String {
         self.path.display().to_string()
     }

@@ -80,6 +80,15 @@ pub trait BlockDevice: Send + Sync {
         Ok(None)
     }
     /// True for devices that refuse writes.
+    /// A stable identity of the storage behind this device (a file's
+    /// device and inode, a block device's number), or `None` when it has
+    /// none worth recording (memory, layered devices). A diff area records
+    /// its origin's identity and refuses another one, so two equal-sized
+    /// images can never be swapped unnoticed. Kind in byte 0, then fields.
+    fn identity(&self) -> Option<[u8; 32]> {
+        None
+    }
+
     fn is_read_only(&self) -> bool {
         false
     }
@@ -110,6 +119,7 @@ macro_rules! forward_block_device {
             fn flush(&self) -> Result<()> { (**self).flush() }
             fn discard(&self, offset: u64, len: u64) -> Result<()> { (**self).discard(offset, len) }
             fn is_read_only(&self) -> bool { (**self).is_read_only() }
+            fn identity(&self) -> Option<[u8; 32]> { (**self).identity() }
             fn allocation(&self, offset: u64, len: u64) -> Result<Option<Vec<Extent>>> { (**self).allocation(offset, len) }
             fn name(&self) -> String { (**self).name() }
         }

@@ -229,6 +229,10 @@ impl BlockDevice for RawVolume {
         self.read_only
     }
 
+    fn identity(&self) -> Option<[u8; 32]> {
+        sys::identity(&self.file)
+    }
+
     fn name(&self) -> String {
         self.path.display().to_string()
     }

@@ -67,6 +67,18 @@ pub enum Error {
     /// apart; the volume refuses writes until it is reopened (recovery).
     #[error("volume needs recovery after an earlier I/O error; reopen it")]
     NeedsRecovery,
+    /// A preserved chunk failed its checksum (or a salvage open cannot
+    /// vouch for it): the read fails rather than return wrong bytes.
+    #[error("snapshot {snapshot}: chunk {chunk} at offset {offset} is damaged: {reason}")]
+    Damaged {
+        snapshot: Uuid,
+        chunk: u64,
+        offset: u64,
+        reason: String,
+    },
+    /// The volume was opened for salvage, which never writes.
+    #[error("the volume is open for salvage, which is read-only")]
+    SalvageReadOnly,
     /// The journal region cannot hold a checkpoint of this many versions.
     #[error("journal region too small: a checkpoint needs {needed} bytes, a half holds {capacity}")]
     JournalTooSmall { needed: u64, capacity: u64 },
@@ -81,7 +93,7 @@ impl Error {
             Error::DiffAreaFull { .. } | Error::JournalTooSmall { .. } => {
                 io::ErrorKind::StorageFull
             }
-            Error::ReadOnly(_) => io::ErrorKind::PermissionDenied,
+            Error::ReadOnly(_) | Error::SalvageReadOnly => io::ErrorKind::PermissionDenied,
             Error::SnapshotNotFound(_) => io::ErrorKind::NotFound,
             Error::Timeout(_) => io::ErrorKind::TimedOut,
             Error::TooManySnapshots(_) => io::ErrorKind::QuotaExceeded,

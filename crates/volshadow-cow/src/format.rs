@@ -1,25 +1,27 @@
-//! On-disk format of the diff area: superblock, record envelope, records.
-//! docs/FORMAT.md has the same tables; a change here is a format change
-//! (bump `FORMAT_VERSION`, keep reading the old one or say why not).
+//! On-disk format of the diff area: superblock, record envelope, records,
+//! slot entries. docs/FORMAT.md has the same tables; a change here is a
+//! format change (bump `FORMAT_VERSION`, keep reading the old one or say
+//! why not). Format 1 is still read: opening it upgrades it in place.
 //!
 //! Diff-area layout (all offsets 4 KiB aligned):
 //!
-//! | region          | offset              | size                         |
-//! |-----------------|---------------------|------------------------------|
-//! | superblock A    | 0                   | 4096                         |
-//! | superblock B    | 4096                | 4096                         |
-//! | journal half 0  | `journal_offset`    | `journal_half`               |
-//! | journal half 1  | + `journal_half`    | `journal_half`               |
-//! | hash table      | `hash_offset`       | 32 × `slots` (blake3 / slot) |
-//! | data slots      | `data_offset`       | `chunk_size` × `slots`       |
+//! | region          | offset              | size                          |
+//! |-----------------|---------------------|-------------------------------|
+//! | superblock A    | 0                   | 4096                          |
+//! | superblock B    | 4096                | 4096                          |
+//! | journal half 0  | `journal_offset`    | `journal_half`                |
+//! | journal half 1  | + `journal_half`    | `journal_half`                |
+//! | slot entries    | `hash_offset`       | 32 × `slots` (one per slot)   |
+//! | data slots      | `data_offset`       | `chunk_size` × `slots`        |
 //!
-//! Superblock (little-endian, 144 bytes used of its 4096):
+//! Superblock (little-endian, 176 bytes used of its 4096; format 1 stops
+//! at 144 with its crc at 136 over bytes 0..136):
 //!
 //! | off | size | field          | meaning                                        |
 //! |-----|------|----------------|------------------------------------------------|
 //! | 0   | 8    | magic          | `VSHADOW\x01`                                  |
-//! | 8   | 4    | version        | format version, 1                              |
-//! | 12  | 4    | header_len     | 144                                            |
+//! | 8   | 4    | version        | format version, 2 (1 is read and upgraded)     |
+//! | 12  | 4    | header_len     | 176 (144 in format 1)                          |
 //! | 16  | 8    | incompat       | feature bits a reader must know (none yet)     |
 //! | 24  | 8    | compat         | feature bits a reader may ignore (none yet)    |
 //! | 32  | 8    | generation     | +1 per superblock write; higher valid copy wins |
@@ -30,27 +32,43 @@
 //! | 72  | 8    | diff_len       | diff-area size used by the layout              |
 //! | 80  | 8    | journal_offset |                                                |
 //! | 88  | 8    | journal_half   | bytes per journal half                         |
-//! | 96  | 8    | hash_offset    |                                                |
+//! | 96  | 8    | hash_offset    | start of the slot entries                      |
 //! | 104 | 8    | data_offset    |                                                |
 //! | 112 | 8    | slots          | number of data slots                           |
 //! | 120 | 4    | active_half    | 0 or 1: the half recovery replays              |
 //! | 124 | 4    | reserved       | 0                                              |
 //! | 128 | 8    | epoch          | stamp of the active half's records             |
-//! | 136 | 4    | crc            | crc32c of bytes 0..136                         |
-//! | 140 | 4    | pad            | 0                                              |
+//! | 136 | 32   | origin_id      | identity of the origin (see `OriginId`), or 0  |
+//! | 168 | 4    | crc            | crc32c of bytes 0..168                         |
+//! | 172 | 4    | pad            | 0                                              |
 //!
-//! Journal record envelope (little-endian, then the postcard payload):
+//! Journal record envelope (little-endian, then the postcard payload;
+//! format 1 has no `committed` field and a 24-byte header):
 //!
-//! | off | size | field | meaning                                             |
-//! |-----|------|-------|-----------------------------------------------------|
-//! | 0   | 4    | len   | payload length, 1 ..= `MAX_PAYLOAD`                 |
-//! | 4   | 4    | crc   | crc32c of bytes 8 .. 24+len                         |
-//! | 8   | 8    | epoch | must equal the superblock's epoch                   |
-//! | 16  | 8    | seq   | record number; consecutive within a half            |
-//! | 24  | len  | body  | postcard-encoded [`Record`]                         |
+//! | off | size | field     | meaning                                          |
+//! |-----|------|-----------|--------------------------------------------------|
+//! | 0   | 4    | len       | payload length, 1 ..= `MAX_PAYLOAD`              |
+//! | 4   | 4    | crc       | crc32c of bytes 8 .. 32+len                      |
+//! | 8   | 8    | epoch     | must equal the superblock's epoch                |
+//! | 16  | 8    | seq       | record number; consecutive within a half         |
+//! | 24  | 8    | committed | every record below this seq, with its data, was  |
+//! |     |      |           | durable when this one was written                |
+//! | 32  | len  | body      | postcard-encoded [`Record`]                      |
 //!
 //! Replay stops at the first record whose length, checksum, epoch or seq is
-//! wrong: a torn or stale tail is cut off, never trusted.
+//! wrong. That is a torn tail only if no later valid record of the half
+//! says it was committed; otherwise it is corruption and is reported.
+//!
+//! Slot entry (32 bytes per data slot, written with the slot's data):
+//!
+//! | off | size | field  | meaning                                             |
+//! |-----|------|--------|-----------------------------------------------------|
+//! | 0   | 23   | hash   | first 23 bytes of the data's blake3, 0 if unrecorded |
+//! | 23  | 1    | flags  | bit 0: entry in use; bit 1: `hash` recorded          |
+//! | 24  | 4    | crc    | crc32c of (chunk as u32 LE, data): checked on reads  |
+//! | 28  | 4    | chunk  | origin chunk whose old contents the slot holds       |
+//!
+//! Format 1 entries are the data's full 32-byte blake3 (or zeros).
 
 use serde::{Deserialize, Serialize};
 use zerocopy::byteorder::little_endian::{U32, U64};
@@ -59,17 +77,23 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 /// `VSHADOW` and format generation byte.
 pub const MAGIC: [u8; 8] = *b"VSHADOW\x01";
 /// The format this build writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this build reads (and upgrades on open).
+pub const FORMAT_OLDEST: u32 = 1;
 /// Incompatible feature bits this build understands.
 pub const INCOMPAT_SUPPORTED: u64 = 0;
 /// Bytes reserved for each superblock copy.
 pub const SUPERBLOCK_SLOT: u64 = 4096;
-/// Envelope header size.
-pub const RECORD_HEADER: usize = 24;
+/// Envelope header size (format 2).
+pub const RECORD_HEADER: usize = 32;
+/// Envelope header size of format 1 (no `committed` field).
+pub const RECORD_HEADER_V1: usize = 24;
 /// Largest payload accepted; a longer `len` is a torn or foreign tail.
 pub const MAX_PAYLOAD: usize = 1 << 20;
-/// Bytes of one slot's hash in the hash table.
+/// Bytes of one slot entry.
 pub const HASH_LEN: u64 = 32;
+/// Bytes of an origin identity.
+pub const ORIGIN_ID_LEN: usize = 32;
 
 /// The superblock as stored.
 #[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -94,14 +118,18 @@ pub struct RawSuperblock {
     pub active_half: U32,
     pub reserved: U32,
     pub epoch: U64,
+    pub origin_id: [u8; ORIGIN_ID_LEN],
     pub crc: U32,
     pub pad: U32,
 }
 
 /// Bytes covered by the superblock checksum.
-pub const SUPERBLOCK_CRC_SPAN: usize = 136;
+pub const SUPERBLOCK_CRC_SPAN: usize = 168;
 /// Bytes of the superblock structure.
 pub const SUPERBLOCK_LEN: usize = size_of::<RawSuperblock>();
+/// Checksum span and length of a format-1 superblock.
+const SUPERBLOCK_V1_CRC_SPAN: usize = 136;
+const SUPERBLOCK_V1_LEN: usize = 144;
 
 /// Why a superblock copy was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,14 +167,18 @@ pub struct Superblock {
     pub slots: u64,
     pub active_half: u32,
     pub epoch: u64,
+    /// Identity of the origin this diff area belongs to (all zeros:
+    /// unknown, adopted at the next open).
+    pub origin_id: [u8; ORIGIN_ID_LEN],
 }
 
 impl Superblock {
-    /// Encodes into one 4096-byte superblock slot.
+    /// Encodes into one 4096-byte superblock slot, in this build's format
+    /// (an upgraded format-1 superblock is written as format 2).
     pub fn encode(&self) -> Vec<u8> {
         let mut raw = RawSuperblock {
             magic: MAGIC,
-            version: self.version.into(),
+            version: FORMAT_VERSION.into(),
             header_len: (SUPERBLOCK_LEN as u32).into(),
             incompat: self.incompat.into(),
             compat: self.compat.into(),
@@ -164,6 +196,7 @@ impl Superblock {
             active_half: self.active_half.into(),
             reserved: 0.into(),
             epoch: self.epoch.into(),
+            origin_id: self.origin_id,
             crc: 0.into(),
             pad: 0.into(),
         };
@@ -183,8 +216,19 @@ impl Superblock {
         if raw.magic != MAGIC {
             return Err(SuperblockError::BadMagic);
         }
-        if crc32c::crc32c(&raw.as_bytes()[..SUPERBLOCK_CRC_SPAN]) != raw.crc.get() {
+        let version = raw.version.get();
+        let (span, len, crc) = if version == 1 {
+            let b = raw.as_bytes();
+            let crc = u32::from_le_bytes([b[136], b[137], b[138], b[139]]);
+            (SUPERBLOCK_V1_CRC_SPAN, SUPERBLOCK_V1_LEN, crc)
+        } else {
+            (SUPERBLOCK_CRC_SPAN, SUPERBLOCK_LEN, raw.crc.get())
+        };
+        if crc32c::crc32c(&raw.as_bytes()[..span]) != crc {
             return Err(SuperblockError::BadChecksum);
+        }
+        if raw.header_len.get() as usize != len {
+            return Err(SuperblockError::BadField("header_len"));
         }
         let sb = Superblock {
             version: raw.version.get(),
@@ -202,6 +246,11 @@ impl Superblock {
             slots: raw.slots.get(),
             active_half: raw.active_half.get(),
             epoch: raw.epoch.get(),
+            origin_id: if version == 1 {
+                [0; ORIGIN_ID_LEN]
+            } else {
+                raw.origin_id
+            },
         };
         sb.check()?;
         Ok(sb)
@@ -209,6 +258,9 @@ impl Superblock {
 
     fn check(&self) -> Result<(), SuperblockError> {
         use SuperblockError::BadField;
+        if self.version == 0 {
+            return Err(BadField("version"));
+        }
         let cs = self.chunk_size;
         if !cs.is_power_of_two() || !(4096..=1 << 20).contains(&cs) {
             return Err(BadField("chunk_size"));
@@ -316,9 +368,11 @@ pub enum Record {
     SnapshotCreate(SnapshotRecord),
     /// A chunk copy. `hash` is the blake3 of the copied bytes; `durable`
     /// is the journal seq below which every record (with its data) was
-    /// known durable when this one was appended. Recovery checks the data
-    /// of copies at or above the highest `durable` it sees, because their
-    /// record may have reached the media without their data.
+    /// known durable when this one was appended (format 2 writes the same
+    /// value as the envelope's `committed`; format 1 has only this field).
+    /// Recovery checks the data of copies at or above the highest mark it
+    /// sees, because their record may have reached the media without their
+    /// data.
     Preserve {
         version: VersionRecord,
         hash: [u8; 32],
@@ -338,16 +392,26 @@ pub enum Record {
         next_chunk: u32,
     },
     RevertEnd,
+    /// Written at a clean close after a flush: carries only its envelope's
+    /// `committed` mark, so every record before it counts as committed and
+    /// later damage to one of them is reported, not cut off as a torn tail.
+    Mark,
 }
 
-/// Encodes one record with its envelope.
-pub fn encode_record(epoch: u64, seq: u64, record: &Record) -> Result<Vec<u8>, postcard::Error> {
+/// Encodes one record with its format-2 envelope.
+pub fn encode_record(
+    epoch: u64,
+    seq: u64,
+    committed: u64,
+    record: &Record,
+) -> Result<Vec<u8>, postcard::Error> {
     let body = postcard::to_stdvec(record)?;
     let mut out = Vec::with_capacity(RECORD_HEADER + body.len());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&[0u8; 4]);
     out.extend_from_slice(&epoch.to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&committed.to_le_bytes());
     out.extend_from_slice(&body);
     let crc = crc32c::crc32c(&out[8..]);
     out[4..8].copy_from_slice(&crc.to_le_bytes());
@@ -376,10 +440,40 @@ pub enum RecordEnd {
     BadPayload,
 }
 
-/// Decodes the record at the start of `buf` if it is a valid continuation
-/// (`epoch`, `seq`). Returns the record and its encoded length.
-pub fn decode_record(buf: &[u8], epoch: u64, seq: u64) -> Result<(Record, usize), RecordEnd> {
-    if buf.len() < RECORD_HEADER {
+/// A decoded record with its envelope's facts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decoded {
+    pub record: Record,
+    /// Encoded length, envelope included.
+    pub len: usize,
+    /// The envelope's `committed` mark (format 1: 0, the mark is in
+    /// `Record::Preserve` only).
+    pub committed: u64,
+}
+
+/// A checksummed envelope: what a forward scan over a damaged journal
+/// trusts without decoding the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Envelope {
+    pub len: usize,
+    pub epoch: u64,
+    pub seq: u64,
+    pub committed: u64,
+}
+
+/// Envelope header size of `format`.
+pub fn record_header(format: u32) -> usize {
+    if format == 1 {
+        RECORD_HEADER_V1
+    } else {
+        RECORD_HEADER
+    }
+}
+
+/// Checks the envelope at the start of `buf` (length and checksum only).
+pub fn read_envelope(buf: &[u8], format: u32) -> Result<Envelope, RecordEnd> {
+    let header = record_header(format);
+    if buf.len() < header {
         return Err(RecordEnd::Truncated);
     }
     let word = |at: usize| u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
@@ -392,27 +486,116 @@ pub fn decode_record(buf: &[u8], epoch: u64, seq: u64) -> Result<(Record, usize)
     if len == 0 || len as usize > MAX_PAYLOAD {
         return Err(RecordEnd::BadLength(len));
     }
-    let end = RECORD_HEADER + len as usize;
+    let end = header + len as usize;
     if buf.len() < end {
         return Err(RecordEnd::Truncated);
     }
     if crc32c::crc32c(&buf[8..end]) != word(4) {
         return Err(RecordEnd::BadChecksum);
     }
-    let rec_epoch = dword(8);
-    if rec_epoch != epoch {
-        return Err(RecordEnd::Stale { epoch: rec_epoch });
+    Ok(Envelope {
+        len: end,
+        epoch: dword(8),
+        seq: dword(16),
+        committed: if format == 1 { 0 } else { dword(24) },
+    })
+}
+
+/// Decodes the record at the start of `buf` if it is a valid continuation
+/// (`epoch`, `seq`) in envelope `format`.
+pub fn decode_record(buf: &[u8], epoch: u64, seq: u64, format: u32) -> Result<Decoded, RecordEnd> {
+    let env = read_envelope(buf, format)?;
+    if env.epoch != epoch {
+        return Err(RecordEnd::Stale { epoch: env.epoch });
     }
-    let rec_seq = dword(16);
-    if rec_seq != seq {
+    if env.seq != seq {
         return Err(RecordEnd::BadSeq {
             expected: seq,
-            found: rec_seq,
+            found: env.seq,
         });
     }
-    let record =
-        postcard::from_bytes(&buf[RECORD_HEADER..end]).map_err(|_| RecordEnd::BadPayload)?;
-    Ok((record, end))
+    let record = postcard::from_bytes(&buf[record_header(format)..env.len])
+        .map_err(|_| RecordEnd::BadPayload)?;
+    Ok(Decoded {
+        record,
+        len: env.len,
+        committed: env.committed,
+    })
+}
+
+/// Flag bits of a slot entry.
+const ENTRY_IN_USE: u8 = 1;
+const ENTRY_HASHED: u8 = 2;
+/// Bytes of blake3 kept in a slot entry.
+const ENTRY_HASH_LEN: usize = 23;
+
+/// What a data slot holds, as its entry says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotEntry {
+    pub chunk: u32,
+    /// crc32c of the chunk number and the data: checked on every read.
+    pub crc: u32,
+    /// Leading bytes of the data's blake3, when recorded (scrub and
+    /// recovery; copies only non-persistent snapshots read skip it).
+    pub hash: Option<[u8; ENTRY_HASH_LEN]>,
+}
+
+impl SlotEntry {
+    /// The entry for `data`, the old contents of `chunk`.
+    pub fn new(chunk: u32, data: &[u8], blake3: Option<&[u8; 32]>) -> Self {
+        SlotEntry {
+            chunk,
+            crc: Self::crc_of(chunk, data),
+            hash: blake3.map(|h| {
+                let mut b = [0u8; ENTRY_HASH_LEN];
+                b.copy_from_slice(&h[..ENTRY_HASH_LEN]);
+                b
+            }),
+        }
+    }
+
+    pub fn crc_of(chunk: u32, data: &[u8]) -> u32 {
+        crc32c::crc32c_append(crc32c::crc32c(&chunk.to_le_bytes()), data)
+    }
+
+    /// True if `data` is what this entry describes for `chunk`.
+    pub fn holds(&self, chunk: u32, data: &[u8]) -> bool {
+        self.chunk == chunk && self.crc == Self::crc_of(chunk, data)
+    }
+
+    /// True if a full blake3 agrees with the recorded prefix.
+    pub fn hash_matches(&self, blake3: &[u8; 32]) -> bool {
+        self.hash
+            .is_none_or(|h| h[..] == blake3[..ENTRY_HASH_LEN])
+    }
+
+    pub fn encode(&self) -> [u8; HASH_LEN as usize] {
+        let mut out = [0u8; HASH_LEN as usize];
+        let mut flags = ENTRY_IN_USE;
+        if let Some(h) = &self.hash {
+            out[..ENTRY_HASH_LEN].copy_from_slice(h);
+            flags |= ENTRY_HASHED;
+        }
+        out[23] = flags;
+        out[24..28].copy_from_slice(&self.crc.to_le_bytes());
+        out[28..32].copy_from_slice(&self.chunk.to_le_bytes());
+        out
+    }
+
+    /// `None` for an unused (all-zero or not in use) entry.
+    pub fn decode(b: &[u8; HASH_LEN as usize]) -> Option<Self> {
+        let flags = b[23];
+        if flags & ENTRY_IN_USE == 0 {
+            return None;
+        }
+        let mut hash = [0u8; ENTRY_HASH_LEN];
+        hash.copy_from_slice(&b[..ENTRY_HASH_LEN]);
+        Some(SlotEntry {
+            chunk: u32::from_le_bytes([b[28], b[29], b[30], b[31]]),
+            crc: u32::from_le_bytes([b[24], b[25], b[26], b[27]]),
+            hash: (flags & ENTRY_HASHED != 0).then_some(hash),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -436,6 +619,7 @@ mod tests {
             slots: 4096,
             active_half: 1,
             epoch: 9,
+            origin_id: [5; ORIGIN_ID_LEN],
         }
     }
 
@@ -444,9 +628,9 @@ mod tests {
         let sb = sample();
         let bytes = sb.encode();
         assert_eq!(bytes.len(), 4096);
-        assert_eq!(SUPERBLOCK_LEN, 144);
+        assert_eq!(SUPERBLOCK_LEN, 176);
         assert_eq!(Superblock::decode(&bytes).unwrap(), sb);
-        for i in [0usize, 9, 40, 70, 135] {
+        for i in [0usize, 9, 40, 70, 135, 140, 167, 170] {
             let mut bad = bytes.clone();
             bad[i] ^= 0x10;
             assert!(Superblock::decode(&bad).is_err(), "flip at {i} accepted");
@@ -481,29 +665,55 @@ mod tests {
             hash: [3; 32],
             durable: 7,
         };
-        let bytes = encode_record(4, 11, &rec).unwrap();
-        assert_eq!(decode_record(&bytes, 4, 11).unwrap(), (rec, bytes.len()));
+        let bytes = encode_record(4, 11, 6, &rec).unwrap();
         assert_eq!(
-            decode_record(&bytes, 5, 11).unwrap_err(),
+            decode_record(&bytes, 4, 11, FORMAT_VERSION).unwrap(),
+            Decoded {
+                record: rec,
+                len: bytes.len(),
+                committed: 6
+            }
+        );
+        assert_eq!(
+            decode_record(&bytes, 5, 11, FORMAT_VERSION).unwrap_err(),
             RecordEnd::Stale { epoch: 4 }
         );
         assert!(matches!(
-            decode_record(&bytes, 4, 12).unwrap_err(),
+            decode_record(&bytes, 4, 12, FORMAT_VERSION).unwrap_err(),
             RecordEnd::BadSeq { .. }
         ));
         for cut in 0..bytes.len() {
-            assert!(decode_record(&bytes[..cut], 4, 11).is_err());
+            assert!(decode_record(&bytes[..cut], 4, 11, FORMAT_VERSION).is_err());
         }
-        let mut torn = bytes.clone();
-        let last = torn.len() - 1;
-        torn[last] ^= 1;
-        assert_eq!(
-            decode_record(&torn, 4, 11).unwrap_err(),
-            RecordEnd::BadChecksum
-        );
+        for i in 4..bytes.len() {
+            let mut flipped = bytes.clone();
+            flipped[i] ^= 1;
+            assert_eq!(
+                decode_record(&flipped, 4, 11, FORMAT_VERSION).unwrap_err(),
+                RecordEnd::BadChecksum,
+                "flip at {i}"
+            );
+        }
         assert!(matches!(
-            decode_record(&[0u8; 64], 4, 11).unwrap_err(),
+            decode_record(&[0u8; 64], 4, 11, FORMAT_VERSION).unwrap_err(),
             RecordEnd::BadLength(0)
         ));
+    }
+
+    #[test]
+    fn slot_entries_round_trip_and_bind_data_to_its_chunk() {
+        let data = vec![7u8; 4096];
+        let h = *blake3::hash(&data).as_bytes();
+        for hash in [None, Some(&h)] {
+            let e = SlotEntry::new(12, &data, hash);
+            assert_eq!(SlotEntry::decode(&e.encode()), Some(e));
+            assert!(e.holds(12, &data));
+            assert!(!e.holds(13, &data), "another chunk's slot must not pass");
+            let mut bad = data.clone();
+            bad[100] ^= 4;
+            assert!(!e.holds(12, &bad));
+            assert!(e.hash_matches(&h));
+        }
+        assert_eq!(SlotEntry::decode(&[0u8; 32]), None);
     }
 }

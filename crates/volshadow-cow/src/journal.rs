@@ -6,6 +6,11 @@
 //! copy) is pointed at it and flushed. A crash at any point leaves one
 //! superblock whose half is complete, so recovery replays at most one
 //! half: recovery time is bounded by the half's size.
+//!
+//! Every record carries the journal's `committed` mark at the time it was
+//! written: the seq below which every record, with its data, was flushed.
+//! A record that fails its checksum is a torn tail only while no later
+//! record of the half says it was committed (see [`Journal::replay`]).
 
 use std::sync::Arc;
 
@@ -13,11 +18,8 @@ use volshadow_block::BlockDevice;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    self, FORMAT_VERSION, INCOMPAT_SUPPORTED, Record, RecordEnd, SUPERBLOCK_SLOT, Superblock,
+    self, FORMAT_VERSION, Record, RecordEnd, SUPERBLOCK_SLOT, Superblock, read_envelope,
 };
-
-/// Read granularity of replay.
-const REPLAY_READ: u64 = 1 << 20;
 
 #[derive(Debug)]
 pub(crate) struct Journal {
@@ -30,12 +32,35 @@ pub(crate) struct Journal {
     durable: u64,
 }
 
-/// Outcome of reading the active half.
+/// Where and why replay stopped before the end of the records.
+#[derive(Debug, Clone)]
+pub(crate) struct Cut {
+    /// The record number that did not decode.
+    pub(crate) seq: u64,
+    /// Its byte offset on the diff-area device.
+    pub(crate) offset: u64,
+    pub(crate) why: RecordEnd,
+    /// A later record of the same half that says `seq` was committed
+    /// (its seq and offset): the cut is corruption, not a torn tail.
+    pub(crate) committed_by: Option<(u64, u64)>,
+}
+
+/// Outcome of reading one half.
 #[derive(Debug)]
 pub(crate) struct Replay {
-    pub(crate) records: Vec<Record>,
-    /// Why replay stopped (for logs and tests).
-    pub(crate) end: RecordEnd,
+    /// Records in order, each with its envelope's `committed` mark.
+    pub(crate) records: Vec<(Record, u64)>,
+    /// Why replay stopped, when it was not a clean end.
+    pub(crate) cut: Option<Cut>,
+}
+
+impl Replay {
+    /// True if the half starts with a whole checkpoint.
+    pub(crate) fn checkpoint_complete(&self) -> bool {
+        self.records
+            .iter()
+            .any(|(r, _)| matches!(r, Record::CheckpointEnd { .. }))
+    }
 }
 
 impl Journal {
@@ -47,53 +72,18 @@ impl Journal {
         self.sb.journal_offset + half as u64 * self.sb.journal_half
     }
 
-    /// Reads both superblock copies and returns the valid one with the
-    /// higher generation.
-    pub(crate) fn read_superblock(diff: &dyn BlockDevice) -> Result<Superblock> {
-        let name = diff.name();
-        if diff.len() < 2 * SUPERBLOCK_SLOT {
-            return Err(Error::NotADiffArea {
-                device: name,
-                reason: format!("{} bytes is too small to hold a superblock", diff.len()),
-            });
-        }
-        let mut best: Option<Superblock> = None;
-        let mut reasons = Vec::new();
-        for copy in 0..2u64 {
-            let mut buf = vec![0u8; SUPERBLOCK_SLOT as usize];
-            diff.read_at(&mut buf, copy * SUPERBLOCK_SLOT)?;
-            match Superblock::decode(&buf) {
-                Ok(sb) if best.as_ref().is_none_or(|b| sb.generation > b.generation) => {
-                    best = Some(sb)
-                }
-                Ok(_) => {}
-                Err(e) => reasons.push(format!("copy {copy}: {e}")),
-            }
-        }
-        let sb = best.ok_or_else(|| Error::NotADiffArea {
-            device: name.clone(),
-            reason: reasons.join("; "),
-        })?;
-        if sb.version > FORMAT_VERSION || sb.incompat & !INCOMPAT_SUPPORTED != 0 {
-            return Err(Error::Unsupported {
-                device: name,
-                version: sb.version,
-                features: sb.incompat,
-                supported: FORMAT_VERSION,
-            });
-        }
-        if sb.diff_len > diff.len() {
-            return Err(Error::Corrupt {
-                device: name,
-                offset: 0,
-                reason: format!(
-                    "superblock describes {} bytes but the device has {}",
-                    sb.diff_len,
-                    diff.len()
-                ),
-            });
-        }
-        Ok(sb)
+    pub(crate) fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    /// Reads one superblock copy; `Err` says why it is not valid.
+    pub(crate) fn read_superblock_copy(
+        diff: &dyn BlockDevice,
+        copy: u64,
+    ) -> Result<std::result::Result<Superblock, format::SuperblockError>> {
+        let mut buf = vec![0u8; SUPERBLOCK_SLOT as usize];
+        diff.read_at(&mut buf, copy * SUPERBLOCK_SLOT)?;
+        Ok(Superblock::decode(&buf))
     }
 
     /// Writes the superblock to the copy its generation selects.
@@ -130,7 +120,7 @@ impl Journal {
         Ok(j)
     }
 
-    /// Opens for replay.
+    /// Opens for replay; `sb` names the half and epoch to read.
     pub(crate) fn open(diff: Arc<dyn BlockDevice>, sb: Superblock) -> Self {
         Journal {
             diff,
@@ -146,11 +136,6 @@ impl Journal {
         self.next_seq
     }
 
-    /// Seq below which records are known durable.
-    pub(crate) fn durable(&self) -> u64 {
-        self.durable
-    }
-
     /// A flush that started after record `seq - 1` was appended completed.
     /// Ignored if a checkpoint began a new half meanwhile (`epoch` moved).
     pub(crate) fn mark_durable(&mut self, epoch: u64, seq: u64) {
@@ -163,103 +148,155 @@ impl Journal {
         self.sb.epoch
     }
 
-    /// Reads every valid record of the active half, in order.
+    /// Reads the whole of `half`.
+    pub(crate) fn read_half(&self, half: u32) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; self.sb.journal_half as usize];
+        self.diff.read_at(&mut buf, self.half_offset(half))?;
+        Ok(buf)
+    }
+
+    /// The epoch of the checksummed record at the start of `half`, if any.
+    pub(crate) fn first_epoch(&self, half: u32) -> Result<Option<u64>> {
+        let mut buf = vec![0u8; format::RECORD_HEADER + format::MAX_PAYLOAD];
+        let len = (buf.len() as u64).min(self.sb.journal_half) as usize;
+        self.diff
+            .read_at(&mut buf[..len], self.half_offset(half))?;
+        Ok(read_envelope(&buf[..len], self.sb.version)
+            .ok()
+            .map(|e| e.epoch))
+    }
+
+    /// Reads every valid record of the active half, in order. Where a
+    /// record does not decode, the rest of the half is scanned for a later
+    /// record of the same epoch whose `committed` mark covers it: then the
+    /// damage is reported in `cut.committed_by` (it is not a torn tail).
     pub(crate) fn replay(&self) -> Result<Replay> {
-        let base = self.half_offset(self.sb.active_half);
-        let half = self.sb.journal_half;
+        let half = self.sb.active_half;
+        let base = self.half_offset(half);
+        let bytes = self.read_half(half)?;
+        let format = self.sb.version;
         let mut records = Vec::new();
-        let mut buf: Vec<u8> = Vec::new();
-        let mut buf_start = 0u64; // offset in the half of buf[0]
-        let mut pos = 0u64;
+        let mut pos = 0usize;
         let mut seq = 0u64;
         loop {
-            let in_buf = (pos - buf_start) as usize;
-            match format::decode_record(&buf[in_buf..], self.sb.epoch, seq) {
-                Ok((rec, len)) => {
-                    records.push(rec);
-                    pos += len as u64;
+            match format::decode_record(&bytes[pos..], self.sb.epoch, seq, format) {
+                Ok(d) => {
+                    let committed = match &d.record {
+                        Record::Preserve { durable, .. } if format == 1 => *durable,
+                        _ => d.committed,
+                    };
+                    records.push((d.record, committed));
+                    pos += d.len;
                     seq += 1;
                 }
-                Err(RecordEnd::Truncated) if buf_start + (buf.len() as u64) < half => {
-                    // Refill from `pos`, reading enough for the largest record.
-                    let want = (half - pos).min(REPLAY_READ + format::MAX_PAYLOAD as u64);
-                    buf = vec![0u8; want as usize];
-                    self.diff.read_at(&mut buf, base + pos)?;
-                    buf_start = pos;
-                    if want == 0 {
-                        return Ok(Replay {
-                            records,
-                            end: RecordEnd::Truncated,
-                        });
-                    }
-                }
                 Err(RecordEnd::BadPayload) => {
+                    // A valid checksum over a body that does not decode was
+                    // written that way: never a torn write.
                     return Err(Error::Corrupt {
                         device: self.name(),
-                        offset: base + pos,
+                        offset: base + pos as u64,
                         reason: format!(
                             "journal record {seq} has a valid checksum but does not decode"
                         ),
                     });
                 }
-                Err(end) => return Ok(Replay { records, end }),
+                Err(why) => {
+                    let committed_by = scan_committed(&bytes[pos..], self.sb.epoch, seq, format)
+                        .map(|(s, at)| (s, base + (pos + at) as u64));
+                    let clean = matches!(why, RecordEnd::BadLength(0) | RecordEnd::Stale { .. })
+                        || pos == bytes.len();
+                    let cut = (!clean || committed_by.is_some()).then(|| Cut {
+                        seq,
+                        offset: base + pos as u64,
+                        why,
+                        committed_by,
+                    });
+                    return Ok(Replay { records, cut });
+                }
             }
         }
     }
 
-    /// After replay, continue appending after the last valid record.
-    /// Recovery instead starts a fresh half via `checkpoint`, which also
-    /// drops any torn tail.
-    pub(crate) fn has_room(&self, len: usize) -> bool {
-        self.tail + len as u64 <= self.sb.journal_half
-    }
-
-    /// Appends one record at the tail. The caller checkpoints first when
-    /// `has_room` says no.
-    pub(crate) fn append(&mut self, record: &Record) -> Result<()> {
-        self.append_many(std::slice::from_ref(record))
-    }
-
-    /// Appends several records with one write.
-    pub(crate) fn append_many(&mut self, records: &[Record]) -> Result<()> {
-        let mut bytes = Vec::new();
-        for (k, r) in records.iter().enumerate() {
-            bytes.extend_from_slice(&self.encode(self.sb.epoch, self.next_seq + k as u64, r)?);
+    /// Scans `half` for a checksummed record of an epoch newer than
+    /// `epoch` that was appended after its checkpoint committed (mark
+    /// above 0): proof that a newer half was in use.
+    pub(crate) fn newer_committed(&self, half: u32, epoch: u64) -> Result<Option<u64>> {
+        let bytes = self.read_half(half)?;
+        let format = self.sb.version;
+        let mut at = 0;
+        while at + format::record_header(format) <= bytes.len() {
+            if let Ok(e) = read_envelope(&bytes[at..], format)
+                && e.epoch > epoch
+                && e.committed > 0
+            {
+                return Ok(Some(e.epoch));
+            }
+            at += 1;
         }
-        if !self.has_room(bytes.len()) {
-            return Err(Error::JournalTooSmall {
-                needed: self.tail + bytes.len() as u64,
-                capacity: self.sb.journal_half,
-            });
+        Ok(None)
+    }
+
+    /// Bytes free in the active half.
+    fn room(&self) -> u64 {
+        self.sb.journal_half.saturating_sub(self.tail)
+    }
+
+    /// Appends the longest prefix of `records` that fits in the active
+    /// half, in one write; returns how many went out (0: compact first).
+    /// Each is stamped with the current `committed` mark, so a mark is
+    /// always one of this half (compaction restarts the numbering).
+    pub(crate) fn append_fitting(&mut self, records: &[Record]) -> Result<usize> {
+        let mut bytes = Vec::new();
+        let mut n = 0;
+        for r in records {
+            let enc = self.encode(self.sb.epoch, self.next_seq + n as u64, self.durable, r)?;
+            if (bytes.len() + enc.len()) as u64 > self.room() {
+                break;
+            }
+            bytes.extend_from_slice(&enc);
+            n += 1;
+        }
+        if n == 0 {
+            return Ok(0);
         }
         let at = self.half_offset(self.sb.active_half) + self.tail;
         self.diff.write_at(&bytes, at)?;
         self.tail += bytes.len() as u64;
-        self.next_seq += records.len() as u64;
-        Ok(())
+        self.next_seq += n as u64;
+        Ok(n)
     }
 
-    /// Encoded size of a record (for `has_room`).
-    pub(crate) fn encoded_len(&self, record: &Record) -> Result<usize> {
-        Ok(self.encode(self.sb.epoch, self.next_seq, record)?.len())
-    }
-
-    fn encode(&self, epoch: u64, seq: u64, record: &Record) -> Result<Vec<u8>> {
-        format::encode_record(epoch, seq, record).map_err(|e| Error::Corrupt {
+    /// Encodes `record` under this build's envelope. A `Preserve` carries
+    /// the same mark in its body.
+    fn encode(&self, epoch: u64, seq: u64, committed: u64, record: &Record) -> Result<Vec<u8>> {
+        let stamped;
+        let record = match record {
+            Record::Preserve { version, hash, .. } => {
+                stamped = Record::Preserve {
+                    version: *version,
+                    hash: *hash,
+                    durable: committed,
+                };
+                &stamped
+            }
+            other => other,
+        };
+        format::encode_record(epoch, seq, committed, record).map_err(|e| Error::Corrupt {
             device: self.name(),
             offset: 0,
             reason: format!("cannot encode journal record: {e}"),
         })
     }
 
-    /// Writes `records` from the start of `half` under `epoch`; returns the
-    /// bytes used. Records go out in one write per megabyte.
+    /// Writes `records` from the start of `half` under `epoch` with mark 0
+    /// (nothing before a checkpoint); returns the bytes used. Records go
+    /// out in one write per megabyte.
     fn write_half(&mut self, half: u32, epoch: u64, records: &[Record]) -> Result<u64> {
         let base = self.half_offset(half);
         let mut out = Vec::new();
         let mut written = 0u64;
         for (seq, rec) in records.iter().enumerate() {
-            out.extend_from_slice(&self.encode(epoch, seq as u64, rec)?);
+            out.extend_from_slice(&self.encode(epoch, seq as u64, 0, rec)?);
             if written + out.len() as u64 > self.sb.journal_half {
                 return Err(Error::JournalTooSmall {
                     needed: written + out.len() as u64,
@@ -284,8 +321,9 @@ impl Journal {
     }
 
     /// Compacts: the checkpoint records go to the other half under a new
-    /// epoch, then the superblock switches to it. Two flushes.
-    pub(crate) fn checkpoint(&mut self, records: Vec<Record>) -> Result<()> {
+    /// epoch, then the superblock switches to it (in this build's format,
+    /// with `origin_id`). Two flushes.
+    pub(crate) fn checkpoint(&mut self, records: Vec<Record>, origin_id: [u8; 32]) -> Result<()> {
         let half = 1 - self.sb.active_half;
         let epoch = self.sb.epoch + 1;
         self.write_half(half, epoch, &records)?;
@@ -293,9 +331,46 @@ impl Journal {
         self.sb.active_half = half;
         self.sb.epoch = epoch;
         self.sb.generation += 1;
+        self.sb.version = FORMAT_VERSION;
+        self.sb.origin_id = origin_id;
         Self::write_superblock(&*self.diff, &self.sb)?;
         self.diff.flush()?;
         self.durable = self.next_seq;
         Ok(())
     }
+
+    /// At a clean close: flush, then append a `Mark` whose envelope says
+    /// every record before it is committed, and flush again. Later damage
+    /// to any of those records is then reported instead of cut off.
+    pub(crate) fn close(&mut self) -> Result<()> {
+        let next = self.next_seq;
+        self.diff.flush()?;
+        self.durable = self.durable.max(next);
+        if self.append_fitting(&[Record::Mark])? == 1 {
+            self.diff.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// Looks past a record that did not decode (at the start of `rest`, which
+/// should have been record `seq`) for a checksummed record of `epoch` with
+/// a higher seq whose `committed` mark covers `seq`. Returns that record's
+/// seq and offset in `rest`. Envelopes are not aligned, so every offset is
+/// tried; the epoch compare rejects almost all before any checksum.
+fn scan_committed(rest: &[u8], epoch: u64, seq: u64, format: u32) -> Option<(u64, usize)> {
+    let header = format::record_header(format);
+    let want = epoch.to_le_bytes();
+    let mut at = 1;
+    while at + header <= rest.len() {
+        if rest[at + 8..at + 16] == want
+            && let Ok(e) = read_envelope(&rest[at..], format)
+            && e.seq > seq
+            && e.committed > seq
+        {
+            return Some((e.seq, at));
+        }
+        at += 1;
+    }
+    None
 }

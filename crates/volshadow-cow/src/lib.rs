@@ -17,6 +17,7 @@ pub mod fuzzing;
 mod gate;
 mod index;
 mod journal;
+mod recovery;
 mod set;
 mod types;
 mod view;
@@ -24,6 +25,7 @@ mod volume;
 
 pub use error::{Error, Result};
 pub use format::FullPolicy;
+pub use recovery::OpenMode;
 pub use set::{DEFAULT_HOLD_TIMEOUT, SnapshotSet};
 pub use types::{
     DEFAULT_CHUNK_SIZE, DEFAULT_MAX_SNAPSHOTS, Extent, Mismatch, SnapshotInfo, SnapshotOptions,

@@ -180,9 +180,22 @@ pub struct Mismatch {
 /// Result of `Volume::verify`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
+    /// Copies checked (each at least against its read checksum).
     pub checked: u64,
-    /// Copies that carry no hash: made while no persistent snapshot
-    /// existed, so only non-persistent snapshots (gone on reopen) read them.
+    /// Of those, copies that carry no blake3: made while no persistent
+    /// snapshot existed, so only non-persistent snapshots (gone on reopen)
+    /// read them.
     pub unhashed: u64,
     pub mismatches: Vec<Mismatch>,
+    #[serde(default)]
+    /// Damage outside the copies (superblock, journal) and, after a
+    /// salvage open, what could not be vouched for. One line each.
+    pub problems: Vec<String>,
+}
+
+impl VerifyReport {
+    /// True if nothing is damaged.
+    pub fn is_clean(&self) -> bool {
+        self.mismatches.is_empty() && self.problems.is_empty()
+    }
 }

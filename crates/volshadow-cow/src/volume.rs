@@ -15,16 +15,17 @@ use tracing::{info, warn};
 use uuid::Uuid;
 use volshadow_block::{BlockDevice, Op, check_range};
 
-use crate::bitmap::{AtomicBitmap, CopyHint, EpochBitmap};
+use crate::bitmap::{CopyHint, EpochBitmap};
 use crate::commit::GroupCommit;
 use crate::error::{Error, Result};
 use crate::format::{
-    FORMAT_VERSION, FullPolicy, HASH_LEN, Record, RevertState, SUPERBLOCK_SLOT, SnapshotRecord,
-    Superblock, VersionRecord,
+    FORMAT_VERSION, FullPolicy, HASH_LEN, Record, RevertState, SUPERBLOCK_SLOT, SlotEntry,
+    SnapshotRecord, Superblock, VersionRecord,
 };
 use crate::gate::{Closed, Gate};
 use crate::index::{SlotAllocator, VersionIndex};
 use crate::journal::Journal;
+use crate::recovery::{self, Doubts, OpenMode, entry_holds, read_entry};
 use crate::types::{
     DEFAULT_MAX_SNAPSHOTS, Extent, Mismatch, SnapshotInfo, SnapshotOptions, Target, Usage,
     VerifyReport, VolumeOptions, attributes,
@@ -39,8 +40,6 @@ const STRIPES: usize = 1024;
 /// Batches at least this large are hashed on a second thread.
 const PARALLEL_HASH_BYTES: usize = 256 << 10;
 
-/// Hash-table entry of a copy made while no persistent snapshot existed.
-const UNRECORDED_HASH: [u8; HASH_LEN as usize] = [0; HASH_LEN as usize];
 /// Versions per checkpoint record.
 const CHECKPOINT_BATCH: usize = 4096;
 /// Revert journals its progress every this many chunks.
@@ -68,7 +67,7 @@ pub(crate) struct Geometry {
 }
 
 impl Geometry {
-    fn from_superblock(sb: &Superblock) -> Self {
+    pub(crate) fn from_superblock(sb: &Superblock) -> Self {
         Geometry {
             chunk: sb.chunk_size as u64,
             shift: sb.chunk_size.trailing_zeros(),
@@ -91,7 +90,8 @@ impl Geometry {
         self.data_offset + slot as u64 * self.chunk
     }
 
-    fn hash_offset(&self, slot: u32) -> u64 {
+    /// Offset of slot `slot`'s entry.
+    pub(crate) fn entry_offset(&self, slot: u32) -> u64 {
         self.hash_offset + slot as u64 * HASH_LEN
     }
 }
@@ -154,19 +154,19 @@ fn plan_layout(diff_len: u64, chunk: u64, half: Option<u64>) -> Option<(u64, u64
 pub(crate) struct State {
     pub(crate) snapshots: BTreeMap<u64, SnapshotRecord>,
     pub(crate) index: VersionIndex,
-    slots: SlotAllocator,
-    max_slots: u64,
-    policy: FullPolicy,
-    next_seq: u64,
-    revert: Option<RevertState>,
-    journal: Journal,
-    chunk: u64,
+    pub(crate) slots: SlotAllocator,
+    pub(crate) max_slots: u64,
+    pub(crate) policy: FullPolicy,
+    pub(crate) next_seq: u64,
+    pub(crate) revert: Option<RevertState>,
+    pub(crate) journal: Journal,
+    pub(crate) chunk: u64,
     /// Copies made without records since the last checkpoint (no
     /// persistent snapshot existed). Replaying the journal would then
     /// rebuild an index without them, and deletes would retag and free
     /// differently than in memory; the next persistent snapshot writes a
     /// checkpoint first so that replay starts from the real index.
-    unjournaled: bool,
+    pub(crate) unjournaled: bool,
 }
 
 impl State {
@@ -178,7 +178,7 @@ impl State {
         self.snapshots.values().any(|s| s.persistent)
     }
 
-    fn checkpoint_records(&self) -> Vec<Record> {
+    pub(crate) fn checkpoint_records(&self) -> Vec<Record> {
         let mut out = vec![Record::Checkpoint {
             next_seq: self.next_seq,
             max_bytes: self.max_slots * self.chunk,
@@ -197,37 +197,53 @@ impl State {
         out
     }
 
-    /// Appends records in one write when they fit (compacting first if
-    /// needed), else one by one.
-    fn log_many(&mut self, records: Vec<Record>) -> Result<()> {
-        let mut total = 0;
-        for r in &records {
-            total += self.journal.encoded_len(r)?;
-        }
-        if !self.journal.has_room(total) {
-            let cp = self.checkpoint_records();
-            self.journal.checkpoint(cp)?;
-            self.unjournaled = false;
-        }
-        if self.journal.has_room(total) {
-            return self.journal.append_many(&records);
-        }
-        records.into_iter().try_for_each(|r| self.log(r))
+    /// Compacts the journal into its other half.
+    fn compact(&mut self) -> Result<()> {
+        let records = self.checkpoint_records();
+        let id = self.journal.superblock().origin_id;
+        self.journal.checkpoint(records, id)?;
+        self.unjournaled = false;
+        Ok(())
     }
 
-    /// Appends a record, compacting first if the active half is full.
-    fn log(&mut self, rec: Record) -> Result<()> {
-        let len = self.journal.encoded_len(&rec)?;
-        if !self.journal.has_room(len) {
-            let records = self.checkpoint_records();
-            self.journal.checkpoint(records)?;
-            self.unjournaled = false;
+    /// Journals `records` in as few writes as fit, compacting whenever the
+    /// active half is full. `logged` applies each record to the in-memory
+    /// state right after it is appended, before any later compaction, so a
+    /// checkpoint always holds every record before it: a batch of any size
+    /// survives compactions in its middle.
+    fn log_batch(&mut self, records: &[Record], mut logged: impl FnMut(&mut Self, &Record)) -> Result<()> {
+        let mut done = 0;
+        let mut compacted = false;
+        while done < records.len() {
+            let n = self.journal.append_fitting(&records[done..])?;
+            if n == 0 {
+                if compacted {
+                    return Err(Error::JournalTooSmall {
+                        needed: self.journal.superblock().journal_half + 1,
+                        capacity: self.journal.superblock().journal_half,
+                    });
+                }
+                self.compact()?;
+                compacted = true;
+                continue;
+            }
+            compacted = false;
+            for r in &records[done..done + n] {
+                logged(self, r);
+            }
+            done += n;
         }
-        self.journal.append(&rec)
+        Ok(())
+    }
+
+    /// Appends a record, compacting first if the active half is full. The
+    /// caller applies it to the state.
+    fn log(&mut self, rec: Record) -> Result<()> {
+        self.log_batch(std::slice::from_ref(&rec), |_, _| {})
     }
 
     /// Removes snapshot `seq` from memory; returns the slots nobody needs.
-    fn forget(&mut self, seq: u64) -> Vec<u32> {
+    pub(crate) fn forget(&mut self, seq: u64) -> Vec<u32> {
         self.snapshots.remove(&seq);
         let pred = self.snapshots.range(..seq).next_back().map(|(&s, _)| s);
         self.index.drop_tag(seq, pred)
@@ -239,139 +255,6 @@ impl State {
             .find(|s| s.id == *id.as_bytes())
             .map(|s| s.seq)
             .ok_or(Error::SnapshotNotFound(id))
-    }
-}
-
-/// Builds the state a journal describes, checking every record against
-/// what came before; any contradiction is corruption, reported with the
-/// record's position.
-struct Replayer {
-    state: State,
-    used: AtomicBitmap,
-    chunks: u64,
-    slots: u32,
-    name: String,
-    checkpoint_seen: bool,
-    /// Highest `durable` mark seen: records below it had their data flushed.
-    trusted: u64,
-    /// Copies journaled after the checkpoint: (record seq, version, hash).
-    recent: Vec<(u64, VersionRecord, [u8; 32])>,
-}
-
-impl Replayer {
-    fn corrupt(&self, n: usize, reason: impl Into<String>) -> Error {
-        Error::Corrupt {
-            device: self.name.clone(),
-            offset: 0,
-            reason: format!("journal record {n}: {}", reason.into()),
-        }
-    }
-
-    fn add_version(&mut self, n: usize, v: VersionRecord) -> Result<()> {
-        if v.chunk as u64 >= self.chunks || v.slot >= self.slots {
-            return Err(self.corrupt(n, format!("version {v:?} is out of range")));
-        }
-        if !self.state.snapshots.contains_key(&v.tag) {
-            return Err(self.corrupt(n, format!("version {v:?} names no live snapshot")));
-        }
-        if self.used.get(v.slot as u64) {
-            return Err(self.corrupt(n, format!("slot {} is used twice", v.slot)));
-        }
-        if !self.state.index.insert(v.chunk, v.tag, v.slot) {
-            return Err(self.corrupt(
-                n,
-                format!("chunk {} preserved twice for {}", v.chunk, v.tag),
-            ));
-        }
-        self.used.set(v.slot as u64);
-        Ok(())
-    }
-
-    fn apply(&mut self, n: usize, rec: Record) -> Result<()> {
-        let is_checkpoint = matches!(rec, Record::Checkpoint { .. });
-        if (n == 0) != is_checkpoint {
-            return Err(self.corrupt(n, "a journal half must start with exactly one checkpoint"));
-        }
-        let st = &mut self.state;
-        match rec {
-            Record::Checkpoint {
-                next_seq,
-                max_bytes,
-                policy,
-                snapshots,
-                revert,
-            } => {
-                st.next_seq = next_seq;
-                st.max_slots = (max_bytes / st.chunk).min(self.slots as u64);
-                st.policy = policy;
-                st.revert = revert;
-                for s in snapshots {
-                    if s.seq == 0 || s.seq >= next_seq || st.snapshots.insert(s.seq, s).is_some() {
-                        return Err(self.corrupt(n, "checkpoint lists a bad or duplicate snapshot"));
-                    }
-                }
-            }
-            Record::CheckpointVersions(vs) => {
-                if self.checkpoint_seen {
-                    return Err(self.corrupt(n, "checkpoint versions after the checkpoint ended"));
-                }
-                for v in vs {
-                    self.add_version(n, v)?;
-                }
-            }
-            Record::CheckpointEnd { versions } => {
-                if versions != st.index.len() || self.checkpoint_seen {
-                    return Err(self.corrupt(n, "checkpoint version count does not match"));
-                }
-                self.checkpoint_seen = true;
-            }
-            _ if !self.checkpoint_seen => {
-                return Err(self.corrupt(n, "record before the checkpoint ended"));
-            }
-            Record::SnapshotCreate(s) => {
-                if s.seq < st.next_seq.max(1) {
-                    return Err(self.corrupt(n, format!("snapshot seq {} reused", s.seq)));
-                }
-                st.next_seq = s.seq + 1;
-                st.snapshots.insert(s.seq, s);
-            }
-            Record::Preserve {
-                version: v,
-                hash,
-                durable,
-            } => {
-                if Some(v.tag) != st.newest() {
-                    return Err(
-                        self.corrupt(n, format!("{v:?} is not tagged with the newest snapshot"))
-                    );
-                }
-                if durable > n as u64 {
-                    return Err(self.corrupt(n, "durable mark beyond the record itself"));
-                }
-                self.trusted = self.trusted.max(durable);
-                self.add_version(n, v)?;
-                self.recent.push((n as u64, v, hash));
-            }
-            Record::SnapshotDelete { seq } => {
-                if !st.snapshots.contains_key(&seq) {
-                    return Err(self.corrupt(n, format!("delete of unknown snapshot {seq}")));
-                }
-                for slot in st.forget(seq) {
-                    self.used.clear(slot as u64);
-                }
-            }
-            Record::Limits { max_bytes, policy } => {
-                st.max_slots = (max_bytes / st.chunk).min(self.slots as u64);
-                st.policy = policy;
-            }
-            Record::RevertBegin { seq } => st.revert = Some(RevertState { seq, next_chunk: 0 }),
-            Record::RevertProgress { next_chunk } => match st.revert.as_mut() {
-                Some(r) => r.next_chunk = next_chunk,
-                None => return Err(self.corrupt(n, "revert progress without a revert")),
-            },
-            Record::RevertEnd => st.revert = None,
-        }
-        Ok(())
     }
 }
 
@@ -412,6 +295,12 @@ pub(crate) struct Inner {
     auto_deleted: Mutex<Vec<SnapshotInfo>>,
     /// Snapshots the delete-oldest policy removed since open.
     auto_deleted_total: AtomicU64,
+    /// Format of the slot entries (1 only in a salvage open of format 1).
+    format: u32,
+    /// Set in a salvage open: read-only, and what it cannot vouch for.
+    pub(crate) doubts: Option<Doubts>,
+    /// What recovery found at open.
+    notes: Vec<String>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -478,7 +367,10 @@ impl Volume {
                 "origin of {origin_len} bytes cannot be split into at most 2^32 chunks of {cs}"
             )));
         }
-        if !options.overwrite && Journal::read_superblock(&*diff).is_ok() {
+        let holds_one = (0..2).any(|c| {
+            Journal::read_superblock_copy(&*diff, c).is_ok_and(|r| r.is_ok())
+        });
+        if !options.overwrite && holds_one {
             return Err(Error::InvalidOptions(format!(
                 "{} already holds a diff area; refusing to overwrite it",
                 diff.name()
@@ -529,6 +421,7 @@ impl Volume {
             slots,
             active_half: 0,
             epoch: 1,
+            origin_id: origin.identity().unwrap_or_default(),
         };
         let checkpoint = vec![
             Record::Checkpoint {
@@ -541,140 +434,56 @@ impl Volume {
             Record::CheckpointEnd { versions: 0 },
         ];
         let journal = Journal::create(diff.clone(), sb.clone(), checkpoint)?;
-        let state = State {
-            snapshots: BTreeMap::new(),
-            index: VersionIndex::default(),
-            slots: SlotAllocator::new(slots as u32),
-            max_slots: max_bytes / chunk,
-            policy: options.policy,
-            next_seq: 1,
-            revert: None,
-            journal,
-            chunk,
-            unjournaled: false,
-        };
+        let mut state = State::empty(journal, chunk);
+        state.slots = SlotAllocator::new(slots as u32);
+        state.max_slots = max_bytes / chunk;
+        state.policy = options.policy;
         info!(origin = %origin.name(), diff = %diff.name(), slots, "created diff area");
-        Self::assemble(origin, diff, &sb, state)
+        Self::assemble(origin, diff, &sb, state, None, Vec::new())
     }
 
     /// Opens an existing volume, running recovery: the journal is replayed
-    /// (a torn tail is cut off), non-persistent snapshots are discarded, a
-    /// fresh checkpoint is written, and an interrupted revert is finished.
+    /// (a torn tail is cut off; damage is an error naming what and where),
+    /// non-persistent snapshots are discarded, a fresh checkpoint is
+    /// written, and an interrupted revert is finished. The origin must be
+    /// the one the diff area was made for (same size and identity).
     pub fn open(origin: Arc<dyn BlockDevice>, diff: Arc<dyn BlockDevice>) -> Result<Self> {
-        let sb = Journal::read_superblock(&*diff)?;
-        if origin.len() != sb.origin_len {
-            return Err(Error::OriginMismatch {
-                diff: diff.name(),
-                origin: origin.name(),
-                expected: sb.origin_len,
-                found: origin.len(),
-                expected_id: Uuid::from_bytes(sb.uuid),
-                detail: " (wrong origin, or it was resized)".into(),
-            });
-        }
-        let geo = Geometry::from_superblock(&sb);
-        let journal = Journal::open(diff.clone(), sb.clone());
-        let replay = journal.replay()?;
-        let mut rp = Replayer {
-            state: State {
-                snapshots: BTreeMap::new(),
-                index: VersionIndex::default(),
-                slots: SlotAllocator::new(0),
-                max_slots: 0,
-                policy: FullPolicy::default(),
-                next_seq: 1,
-                revert: None,
-                journal,
-                chunk: geo.chunk,
-                unjournaled: false,
-            },
-            used: AtomicBitmap::new(geo.slots as u64),
-            chunks: geo.chunks,
-            slots: geo.slots,
-            name: diff.name(),
-            checkpoint_seen: false,
-            trusted: 0,
-            recent: Vec::new(),
-        };
-        let count = replay.records.len();
-        for (n, rec) in replay.records.into_iter().enumerate() {
-            rp.apply(n, rec)?;
-        }
-        if !rp.checkpoint_seen {
-            return Err(rp.corrupt(count, "the journal's checkpoint is incomplete"));
-        }
-        let (trusted, recent) = (rp.trusted, std::mem::take(&mut rp.recent));
-        let mut state = rp.state;
-        let dropped: Vec<u64> = state
-            .snapshots
-            .values()
-            .filter(|s| !s.persistent)
-            .map(|s| s.seq)
-            .collect();
-        for seq in &dropped {
-            state.forget(*seq);
-        }
-        if state
-            .revert
-            .is_some_and(|r| !state.snapshots.contains_key(&r.seq))
-        {
-            return Err(Error::Corrupt {
-                device: diff.name(),
-                offset: 0,
-                reason: "an interrupted revert names a snapshot that no longer exists".into(),
-            });
-        }
-        // Copies journaled after the last known flush: their record may have
-        // landed without their data. Such a flush never completed, so the
-        // origin chunk was never overwritten and the copy can be dropped.
-        // Copies that did land get their hash-table entry rewritten.
-        let mut lost = 0;
-        let mut buf = vec![0u8; geo.chunk as usize];
-        let recent: Vec<_> = recent.into_iter().filter(|r| r.0 >= trusted).collect();
-        let live: std::collections::HashSet<(u32, u32)> = if recent.is_empty() {
-            Default::default()
-        } else {
-            state.index.iter().map(|x| (x.chunk, x.slot)).collect()
-        };
-        for (_, v, hash) in recent {
-            if !live.contains(&(v.chunk, v.slot)) {
-                continue;
-            }
-            let (_, len) = geo.chunk_range(v.chunk as u64);
-            diff.read_at(&mut buf[..len], geo.slot_offset(v.slot))?;
-            if *blake3::hash(&buf[..len]).as_bytes() == hash {
-                diff.write_at(&hash, geo.hash_offset(v.slot))?;
-            } else {
-                state.index.remove_slot(v.chunk, v.slot);
-                lost += 1;
-            }
-        }
-        state.slots = SlotAllocator::from_used(geo.slots, state.index.iter().map(|v| v.slot));
-        let records = state.checkpoint_records();
-        state.journal.checkpoint(records)?;
-        info!(
-            diff = %diff.name(),
-            records = count,
-            end = ?replay.end,
-            discarded_non_persistent = dropped.len(),
-            unflushed_copies_dropped = lost,
-            "recovered diff area"
-        );
-        let revert = state.revert;
-        if let Some(n) = state.newest() {
-            state.index.freeze_older_than(n);
-        }
-        let vol = Self::assemble(origin, diff, &sb, state)?;
-        if let Some(r) = revert {
+        Self::open_with(origin, diff, OpenMode::Normal)
+    }
+
+    /// `open` with a mode: [`OpenMode::Rebind`] accepts and records a new
+    /// origin identity (the pair was moved or copied together);
+    /// [`OpenMode::Salvage`] opens a damaged diff area read-only, writing
+    /// nothing, and serves only what it can vouch for (other reads fail).
+    pub fn open_with(
+        origin: Arc<dyn BlockDevice>,
+        diff: Arc<dyn BlockDevice>,
+        mode: OpenMode,
+    ) -> Result<Self> {
+        let r = recovery::recover(&origin, &diff, mode)?;
+        let vol = Self::assemble(origin, diff, &r.sb, r.state, r.doubts, r.notes)?;
+        if let Some(rv) = r.resume_revert {
             info!(
-                seq = r.seq,
-                from_chunk = r.next_chunk,
+                seq = rv.seq,
+                from_chunk = rv.next_chunk,
                 "resuming interrupted revert"
             );
             let closed = vol.inner.gate.close(Duration::MAX)?;
-            vol.inner.run_revert(&closed, r.seq, r.next_chunk as u64)?;
+            vol.inner.run_revert(&closed, rv.seq, rv.next_chunk as u64)?;
         }
         Ok(vol)
+    }
+
+    /// True if opened with [`OpenMode::Salvage`]: read-only, and reads it
+    /// cannot vouch for fail.
+    pub fn is_salvage(&self) -> bool {
+        self.inner.doubts.is_some()
+    }
+
+    /// What recovery found and repaired at open (damaged superblock copy,
+    /// torn-tail cut, salvage findings), one line each.
+    pub fn recovery_notes(&self) -> Vec<String> {
+        self.inner.notes.clone()
     }
 
     fn assemble(
@@ -682,6 +491,8 @@ impl Volume {
         diff: Arc<dyn BlockDevice>,
         sb: &Superblock,
         state: State,
+        doubts: Option<Doubts>,
+        notes: Vec<String>,
     ) -> Result<Self> {
         let geo = Geometry::from_superblock(sb);
         let preserved = EpochBitmap::new(geo.chunks);
@@ -710,6 +521,9 @@ impl Volume {
                 max_snapshots: AtomicU64::new(DEFAULT_MAX_SNAPSHOTS as u64),
                 auto_deleted: Mutex::new(Vec::new()),
                 auto_deleted_total: AtomicU64::new(0),
+                format: sb.version,
+                doubts,
+                notes,
             }),
         })
     }
@@ -944,7 +758,10 @@ impl Volume {
         self.verify_with_progress(|_, _| {})
     }
 
-    /// `verify`, calling `progress(done, total)` as it goes.
+    /// `verify`, calling `progress(done, total)` as it goes. Checks every
+    /// preserved copy against its slot entry (chunk, crc32c, and blake3
+    /// where recorded), both superblock copies, and that the journal's
+    /// active half replays every record written to it.
     pub fn verify_with_progress(&self, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport> {
         let inner = &self.inner;
         let versions: Vec<VersionRecord> = inner.state_read().index.iter().collect();
@@ -963,17 +780,26 @@ impl Volume {
             inner
                 .diff
                 .read_at(&mut buf[..len], inner.geo.slot_offset(v.slot))?;
-            let mut want = [0u8; HASH_LEN as usize];
-            inner
-                .diff
-                .read_at(&mut want, inner.geo.hash_offset(v.slot))?;
-            if want == UNRECORDED_HASH {
-                unhashed += 1;
-                progress(i as u64 + 1, total);
-                continue;
-            }
+            let entry = read_entry(&*inner.diff, &inner.geo, v.slot)?;
+            let bytes = &buf[..len];
+            let good = if inner.format == 1 {
+                entry_holds(1, &entry, v.chunk, bytes)
+            } else {
+                match SlotEntry::decode(&entry) {
+                    Some(e) if e.hash.is_none() => {
+                        unhashed += 1;
+                        e.holds(v.chunk, bytes)
+                    }
+                    Some(e) => e.holds(v.chunk, bytes) && e.hash_matches(blake3::hash(bytes).as_bytes()),
+                    None => false,
+                }
+            };
             checked += 1;
-            if *blake3::hash(&buf[..len]).as_bytes() != want {
+            let damaged = inner
+                .doubts
+                .as_ref()
+                .is_some_and(|d| d.versions.contains(&(v.chunk, v.slot)));
+            if !good || damaged {
                 let low = st.index.prev_tag(v.chunk, v.tag).unwrap_or(0);
                 let snapshots = st
                     .snapshots
@@ -983,7 +809,7 @@ impl Volume {
                 warn!(
                     chunk = v.chunk,
                     slot = v.slot,
-                    "preserved chunk fails its hash"
+                    "preserved chunk fails its checksum"
                 );
                 mismatches.push(Mismatch {
                     chunk: v.chunk as u64,
@@ -994,10 +820,12 @@ impl Volume {
             }
             progress(i as u64 + 1, total);
         }
+        let problems = inner.check_structure()?;
         Ok(VerifyReport {
             checked,
             unhashed,
             mismatches,
+            problems,
         })
     }
 
@@ -1060,6 +888,45 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Damage outside the copies: superblock copies, the journal's active
+    /// half, and what a salvage open could not vouch for.
+    fn check_structure(&self) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
+        for copy in 0..2 {
+            if let Err(e) = Journal::read_superblock_copy(&*self.diff, copy)? {
+                problems.push(format!("superblock copy {copy} is damaged ({e})"));
+            }
+        }
+        let st = self.state_read();
+        if self.doubts.is_none() {
+            let replay = st.journal.replay()?;
+            let written = st.journal.next_seq();
+            if (replay.records.len() as u64) < written {
+                let at = replay.cut.as_ref().map_or(0, |c| c.offset);
+                problems.push(format!(
+                    "journal record {} at offset {at} is damaged: {} of {written} records replay",
+                    replay.records.len(),
+                    replay.records.len()
+                ));
+            }
+        }
+        drop(st);
+        if let Some(d) = &self.doubts {
+            problems.extend(self.notes.iter().cloned());
+            if d.all_origin_reads {
+                problems.push(
+                    "salvage: a slot entry outside the index names no chunk; snapshot reads from the origin fail".into(),
+                );
+            } else if !d.chunks.is_empty() {
+                problems.push(format!(
+                    "salvage: {} chunk(s) have copies the journal no longer lists; snapshot reads of them from the origin fail",
+                    d.chunks.len()
+                ));
+            }
+        }
+        Ok(problems)
+    }
+
     /// Marks the volume as needing recovery and passes the error on.
     fn fail(&self, e: Error) -> Error {
         if !self.failed.swap(true, Ordering::AcqRel) {
@@ -1068,8 +935,11 @@ impl Inner {
         e
     }
 
+    /// Refuses changes to a failed or salvage-opened volume.
     fn check_ok(&self) -> Result<()> {
-        if self.failed.load(Ordering::Acquire) {
+        if self.doubts.is_some() {
+            Err(Error::SalvageReadOnly)
+        } else if self.failed.load(Ordering::Acquire) {
             Err(Error::NeedsRecovery)
         } else {
             Ok(())
@@ -1113,9 +983,7 @@ impl Inner {
             attrs |= attributes::PERSISTENT | attributes::NO_AUTO_RELEASE;
         }
         if options.persistent && st.unjournaled {
-            let records = st.checkpoint_records();
-            st.journal.checkpoint(records).map_err(|e| self.fail(e))?;
-            st.unjournaled = false;
+            st.compact().map_err(|e| self.fail(e))?;
         }
         let rec = SnapshotRecord {
             seq: st.next_seq,
@@ -1181,23 +1049,23 @@ impl Inner {
         Ok(())
     }
 
-    /// Punches freed slots, merged into runs. Best effort: a device that
-    /// cannot discard keeps the old bytes, which nothing references.
+    /// Punches freed slots and clears their entries, merged into runs.
+    /// Best effort: a device that cannot discard keeps the old bytes, which
+    /// nothing references; a cleared entry keeps a salvage open from
+    /// doubting the chunk a freed slot once held.
     fn discard_slots(&self, freed: &[u32]) {
         let mut sorted = freed.to_vec();
         sorted.sort_unstable();
-        let mut i = 0;
-        while i < sorted.len() {
-            let mut j = i + 1;
-            while j < sorted.len() && sorted[j] == sorted[j - 1] + 1 {
-                j += 1;
-            }
+        for (i, j) in runs(&sorted) {
             let off = self.geo.slot_offset(sorted[i]);
             let len = (j - i) as u64 * self.geo.chunk;
             if let Err(e) = self.diff.discard(off, len) {
                 warn!(error = %e, "could not discard freed diff-area slots");
             }
-            i = j;
+            let zeros = vec![0u8; (j - i) * HASH_LEN as usize];
+            if let Err(e) = self.diff.write_at(&zeros, self.geo.entry_offset(sorted[i])) {
+                warn!(error = %e, "could not clear the entries of freed diff-area slots");
+            }
         }
     }
 
@@ -1292,7 +1160,7 @@ impl Inner {
             // (snapshots are only created with the gate closed): recovery
             // never needs their records or hashes. The next persistent
             // snapshot checkpoints the index (see `State::unjournaled`).
-            // An all-zero hash entry says "not recorded" to `verify`.
+            // Their slot entries carry no blake3 (but the read checksum).
             (todo, owed, st.any_persistent())
         };
         if todo.is_empty() {
@@ -1321,18 +1189,20 @@ impl Inner {
                 }
             }
         }
-        let hash_all = || -> Vec<[u8; 32]> {
-            todo.iter()
-                .enumerate()
-                .map(|(k, &c)| {
-                    let (_, len) = self.geo.chunk_range(c);
-                    if journaled {
-                        *blake3::hash(&data[k * cs..k * cs + len]).as_bytes()
-                    } else {
-                        UNRECORDED_HASH
-                    }
-                })
-                .collect()
+        // Every copy gets an entry (crc and chunk, checked on each read);
+        // copies some persistent snapshot may read also get their blake3
+        // (journaled, for recovery and scrub).
+        let entries_of = || -> (Vec<[u8; 32]>, Vec<u8>) {
+            let mut hashes = Vec::with_capacity(todo.len());
+            let mut entries = Vec::with_capacity(todo.len() * HASH_LEN as usize);
+            for (k, &c) in todo.iter().enumerate() {
+                let (_, len) = self.geo.chunk_range(c);
+                let bytes = &data[k * cs..k * cs + len];
+                let hash = journaled.then(|| *blake3::hash(bytes).as_bytes());
+                entries.extend_from_slice(&SlotEntry::new(c as u32, bytes, hash.as_ref()).encode());
+                hashes.push(hash.unwrap_or_default());
+            }
+            (hashes, entries)
         };
         let write_data = || {
             runs(&slots).try_for_each(|(i, j)| {
@@ -1341,10 +1211,10 @@ impl Inner {
             })
         };
         // A large batch hashes on a second thread while its copies go out:
-        // the hashes only have to be ready for the records.
-        let (hashes, mut written) = if journaled && data.len() >= PARALLEL_HASH_BYTES {
+        // the entries only have to be ready after the data.
+        let ((hashes, entries), mut written) = if data.len() >= PARALLEL_HASH_BYTES {
             std::thread::scope(|s| {
-                let hasher = s.spawn(hash_all);
+                let hasher = s.spawn(entries_of);
                 let written = write_data();
                 (
                     hasher
@@ -1354,12 +1224,13 @@ impl Inner {
                 )
             })
         } else {
-            (hash_all(), write_data())
+            (entries_of(), write_data())
         };
         if written.is_ok() {
+            let e = HASH_LEN as usize;
             written = runs(&slots).try_for_each(|(i, j)| {
                 self.diff
-                    .write_at(&hashes[i..j].concat(), self.geo.hash_offset(slots[i]))
+                    .write_at(&entries[i * e..j * e], self.geo.entry_offset(slots[i]))
             });
         }
         let mut st = self.state_write();
@@ -1376,28 +1247,41 @@ impl Inner {
             release(&mut st);
             return Ok(durable);
         };
+        let versions: Vec<VersionRecord> = todo
+            .iter()
+            .zip(&slots)
+            .map(|(&c, &slot)| VersionRecord {
+                chunk: c as u32,
+                tag,
+                slot,
+            })
+            .collect();
+        let copied = &self.copied;
+        let index = |st: &mut State, v: &VersionRecord| {
+            st.index.insert(v.chunk, v.tag, v.slot);
+            copied.set(v.chunk as u64);
+        };
         if journaled {
-            let mark = st.journal.durable();
-            let records = todo
+            let records: Vec<Record> = versions
                 .iter()
-                .zip(&slots)
                 .zip(&hashes)
-                .map(|((&c, &slot), hash)| Record::Preserve {
-                    version: VersionRecord {
-                        chunk: c as u32,
-                        tag,
-                        slot,
-                    },
+                .map(|(v, hash)| Record::Preserve {
+                    version: *v,
                     hash: *hash,
-                    durable: mark,
+                    durable: 0,
                 })
                 .collect();
-            st.log_many(records).map_err(|e| self.fail(e))?;
-        }
-        st.unjournaled |= !journaled;
-        for (&c, &slot) in todo.iter().zip(&slots) {
-            st.index.insert(c as u32, tag, slot);
-            self.copied.set(c);
+            st.log_batch(&records, |st, r| {
+                if let Record::Preserve { version, .. } = r {
+                    index(st, version);
+                }
+            })
+            .map_err(|e| self.fail(e))?;
+        } else {
+            st.unjournaled = true;
+            for v in &versions {
+                index(&mut st, v);
+            }
         }
         if st.any_persistent() {
             durable = Some((st.journal.epoch(), st.journal.next_seq()));
@@ -1574,17 +1458,85 @@ impl Inner {
             {
                 e += 1;
             }
-            let start = (first + k as u64) << shift;
-            let lo = start.max(offset);
+            let c0 = first + k as u64;
+            let lo = (c0 << shift).max(offset);
             let hi = ((first + e as u64) << shift).min(end);
             let dst = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
             match places[k] {
-                Some(s) => self
-                    .diff
-                    .read_at(dst, self.geo.slot_offset(s) + (lo - start))?,
-                None => self.origin.read_at(dst, lo)?,
+                Some(s) => self.read_slots(id, c0, s, lo, dst)?,
+                None => {
+                    if let Some(d) = &self.doubts
+                        && let Some(c) = (c0..first + e as u64).find(|&c| d.origin_read(c as u32))
+                    {
+                        return Err(self.damaged(
+                            id,
+                            c,
+                            "salvage cannot vouch for the origin's bytes of this chunk",
+                        ));
+                    }
+                    self.origin.read_at(dst, lo)?
+                }
             }
             k = e;
+        }
+        Ok(())
+    }
+
+    fn damaged(&self, snapshot: Uuid, chunk: u64, reason: &str) -> Error {
+        Error::Damaged {
+            snapshot,
+            chunk,
+            offset: chunk << self.geo.shift,
+            reason: reason.into(),
+        }
+    }
+
+    /// Reads `dst` (from byte `lo`) out of consecutive slots starting at
+    /// `s0`, which hold consecutive chunks from `c0`, and checks every
+    /// chunk touched against its slot entry before returning: a mismatch
+    /// is an error naming the chunk, never the bytes. A chunk read in part
+    /// is read whole into a scratch buffer to be checked.
+    fn read_slots(&self, id: Uuid, c0: u64, s0: u32, lo: u64, dst: &mut [u8]) -> Result<()> {
+        let shift = self.geo.shift;
+        let run_start = c0 << shift;
+        let hi = lo + dst.len() as u64;
+        let (a, b) = (lo >> shift, (hi - 1) >> shift);
+        let n = (b - a + 1) as usize;
+        let first_slot = s0 + (a - c0) as u32;
+        let mut entries = vec![0u8; n * HASH_LEN as usize];
+        self.diff
+            .read_at(&mut entries, self.geo.entry_offset(first_slot))?;
+        self.diff
+            .read_at(dst, self.geo.slot_offset(s0) + (lo - run_start))?;
+        let mut scratch = Vec::new();
+        for c in a..=b {
+            let k = (c - a) as usize;
+            let slot = first_slot + k as u32;
+            let (off, len) = self.geo.chunk_range(c);
+            let whole = off >= lo && off + len as u64 <= hi;
+            let bytes: &[u8] = if whole {
+                &dst[(off - lo) as usize..(off - lo) as usize + len]
+            } else {
+                scratch.resize(len, 0);
+                self.diff.read_at(&mut scratch, self.geo.slot_offset(slot))?;
+                let from = lo.max(off);
+                let to = hi.min(off + len as u64);
+                dst[(from - lo) as usize..(to - lo) as usize]
+                    .copy_from_slice(&scratch[(from - off) as usize..(to - off) as usize]);
+                &scratch
+            };
+            let mut entry = [0u8; HASH_LEN as usize];
+            entry.copy_from_slice(&entries[k * HASH_LEN as usize..(k + 1) * HASH_LEN as usize]);
+            if !entry_holds(self.format, &entry, c as u32, bytes) {
+                return Err(self.damaged(id, c, "the preserved copy fails its checksum"));
+            }
+            if self
+                .doubts
+                .as_ref()
+                .is_some_and(|d| d.versions.contains(&(c as u32, slot)))
+            {
+                return Err(self.damaged(id, c, "recovery found this preserved copy damaged"));
+            }
         }
         Ok(())
     }
@@ -1626,6 +1578,20 @@ impl Inner {
         self.flush_diff(&mut st)?;
         info!(seq, "revert finished");
         Ok(())
+    }
+}
+
+impl Drop for Inner {
+    /// A clean close marks every journal record committed (see
+    /// `Journal::close`), so later damage to one is reported, not cut off.
+    fn drop(&mut self) {
+        if self.doubts.is_some() || self.failed.load(Ordering::Acquire) {
+            return;
+        }
+        let st = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = st.journal.close() {
+            warn!(error = %e, "could not mark the journal committed at close");
+        }
     }
 }
 

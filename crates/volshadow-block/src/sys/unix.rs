@@ -228,3 +228,20 @@ pub(crate) fn reflink(_src: &File, _dst: &File) -> io::Result<()> {
         "FICLONE is Linux only",
     ))
 }
+
+/// Identity of an open file: kind 1 (regular file: device, inode) or 2
+/// (block device: its device number).
+pub(crate) fn identity(file: &File) -> Option<[u8; 32]> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = file.metadata().ok()?;
+    let mut id = [0u8; 32];
+    if meta.file_type().is_block_device() {
+        id[0] = 2;
+        id[8..16].copy_from_slice(&meta.rdev().to_le_bytes());
+    } else {
+        id[0] = 1;
+        id[8..16].copy_from_slice(&meta.dev().to_le_bytes());
+        id[16..24].copy_from_slice(&meta.ino().to_le_bytes());
+    }
+    Some(id)
+}
