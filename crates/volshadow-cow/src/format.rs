@@ -565,8 +565,7 @@ impl SlotEntry {
 
     /// True if a full blake3 agrees with the recorded prefix.
     pub fn hash_matches(&self, blake3: &[u8; 32]) -> bool {
-        self.hash
-            .is_none_or(|h| h[..] == blake3[..ENTRY_HASH_LEN])
+        self.hash.is_none_or(|h| h[..] == blake3[..ENTRY_HASH_LEN])
     }
 
     pub fn encode(&self) -> [u8; HASH_LEN as usize] {

@@ -159,8 +159,7 @@ impl Journal {
     pub(crate) fn first_epoch(&self, half: u32) -> Result<Option<u64>> {
         let mut buf = vec![0u8; format::RECORD_HEADER + format::MAX_PAYLOAD];
         let len = (buf.len() as u64).min(self.sb.journal_half) as usize;
-        self.diff
-            .read_at(&mut buf[..len], self.half_offset(half))?;
+        self.diff.read_at(&mut buf[..len], self.half_offset(half))?;
         Ok(read_envelope(&buf[..len], self.sb.version)
             .ok()
             .map(|e| e.epoch))

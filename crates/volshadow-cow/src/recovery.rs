@@ -27,8 +27,8 @@ use volshadow_block::BlockDevice;
 use crate::bitmap::AtomicBitmap;
 use crate::error::{Error, Result};
 use crate::format::{
-    FORMAT_OLDEST, FORMAT_VERSION, FullPolicy, HASH_LEN, INCOMPAT_SUPPORTED, ORIGIN_ID_LEN,
-    Record, RevertState, SlotEntry, Superblock, VersionRecord,
+    FORMAT_OLDEST, FORMAT_VERSION, FullPolicy, HASH_LEN, INCOMPAT_SUPPORTED, ORIGIN_ID_LEN, Record,
+    RevertState, SlotEntry, Superblock, VersionRecord,
 };
 use crate::index::{SlotAllocator, VersionIndex};
 use crate::journal::{Journal, Replay};
@@ -102,7 +102,11 @@ fn choose_superblock(diff: &dyn BlockDevice) -> Result<(Superblock, Option<Strin
         Journal::read_superblock_copy(diff, 1)?,
     ];
     let valid: Vec<&Superblock> = copies.iter().filter_map(|c| c.as_ref().ok()).collect();
-    let Some(best) = valid.iter().max_by_key(|s| s.generation).map(|s| (*s).clone()) else {
+    let Some(best) = valid
+        .iter()
+        .max_by_key(|s| s.generation)
+        .map(|s| (*s).clone())
+    else {
         let reasons: Vec<String> = copies
             .iter()
             .enumerate()
@@ -115,7 +119,10 @@ fn choose_superblock(diff: &dyn BlockDevice) -> Result<(Superblock, Option<Strin
             corrupt(
                 diff,
                 0,
-                format!("both superblock copies are damaged ({})", reasons.join("; ")),
+                format!(
+                    "both superblock copies are damaged ({})",
+                    reasons.join("; ")
+                ),
             )
         } else {
             Error::NotADiffArea {
@@ -332,7 +339,9 @@ impl Replayer {
                 st.next_seq = s.seq + 1;
                 st.snapshots.insert(s.seq, s);
             }
-            Record::Preserve { version: v, hash, .. } => {
+            Record::Preserve {
+                version: v, hash, ..
+            } => {
                 if Some(v.tag) != st.newest() {
                     return Err(
                         self.corrupt(n, format!("{v:?} is not tagged with the newest snapshot"))

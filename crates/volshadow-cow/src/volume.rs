@@ -211,7 +211,11 @@ impl State {
     /// state right after it is appended, before any later compaction, so a
     /// checkpoint always holds every record before it: a batch of any size
     /// survives compactions in its middle.
-    fn log_batch(&mut self, records: &[Record], mut logged: impl FnMut(&mut Self, &Record)) -> Result<()> {
+    fn log_batch(
+        &mut self,
+        records: &[Record],
+        mut logged: impl FnMut(&mut Self, &Record),
+    ) -> Result<()> {
         let mut done = 0;
         let mut compacted = false;
         while done < records.len() {
@@ -367,9 +371,8 @@ impl Volume {
                 "origin of {origin_len} bytes cannot be split into at most 2^32 chunks of {cs}"
             )));
         }
-        let holds_one = (0..2).any(|c| {
-            Journal::read_superblock_copy(&*diff, c).is_ok_and(|r| r.is_ok())
-        });
+        let holds_one =
+            (0..2).any(|c| Journal::read_superblock_copy(&*diff, c).is_ok_and(|r| r.is_ok()));
         if !options.overwrite && holds_one {
             return Err(Error::InvalidOptions(format!(
                 "{} already holds a diff area; refusing to overwrite it",
@@ -469,7 +472,8 @@ impl Volume {
                 "resuming interrupted revert"
             );
             let closed = vol.inner.gate.close(Duration::MAX)?;
-            vol.inner.run_revert(&closed, rv.seq, rv.next_chunk as u64)?;
+            vol.inner
+                .run_revert(&closed, rv.seq, rv.next_chunk as u64)?;
         }
         Ok(vol)
     }
@@ -610,6 +614,7 @@ impl Volume {
     /// is used deletes the oldest snapshots under `DeleteOldest`, and fails
     /// under the other policies.
     pub fn resize(&self, max_bytes: u64, policy: Option<FullPolicy>) -> Result<Usage> {
+        self.inner.check_ok()?;
         let closed = self.inner.gate.close(DEFAULT_HOLD)?;
         {
             let inner = &self.inner;
@@ -709,6 +714,7 @@ impl Volume {
     /// as VSS). Newer snapshots stay valid: the revert writes through the
     /// normal copy-on-write path. Journaled; a crash mid-way resumes at open.
     pub fn revert(&self, id: Uuid) -> Result<()> {
+        self.inner.check_ok()?;
         let closed = self.inner.gate.close(DEFAULT_HOLD)?;
         let inner = &self.inner;
         let seq = {
@@ -790,7 +796,9 @@ impl Volume {
                         unhashed += 1;
                         e.holds(v.chunk, bytes)
                     }
-                    Some(e) => e.holds(v.chunk, bytes) && e.hash_matches(blake3::hash(bytes).as_bytes()),
+                    Some(e) => {
+                        e.holds(v.chunk, bytes) && e.hash_matches(blake3::hash(bytes).as_bytes())
+                    }
                     None => false,
                 }
             };
@@ -1518,7 +1526,8 @@ impl Inner {
                 &dst[(off - lo) as usize..(off - lo) as usize + len]
             } else {
                 scratch.resize(len, 0);
-                self.diff.read_at(&mut scratch, self.geo.slot_offset(slot))?;
+                self.diff
+                    .read_at(&mut scratch, self.geo.slot_offset(slot))?;
                 let from = lo.max(off);
                 let to = hi.min(off + len as u64);
                 dst[(from - lo) as usize..(to - lo) as usize]
