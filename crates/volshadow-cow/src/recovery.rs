@@ -52,20 +52,11 @@ pub enum OpenMode {
 /// What a salvage open could not vouch for.
 #[derive(Debug, Default)]
 pub(crate) struct Doubts {
-    /// Chunks that some slot copy outside the index names: a snapshot
-    /// reading one from the origin could read bytes written later.
-    pub(crate) chunks: HashSet<u32>,
-    /// A slot entry outside the index could not be tied to a chunk: no
-    /// origin read of a snapshot can be vouched for.
+    /// The journal was damaged: later changes (copies, deletes) are
+    /// unknown, so no snapshot read from the origin can be vouched for.
     pub(crate) all_origin_reads: bool,
     /// Versions whose data is damaged: `(chunk, slot)`.
     pub(crate) versions: HashSet<(u32, u32)>,
-}
-
-impl Doubts {
-    pub(crate) fn origin_read(&self, chunk: u32) -> bool {
-        self.all_origin_reads || self.chunks.contains(&chunk)
-    }
 }
 
 /// The outcome of recovery.
@@ -184,17 +175,18 @@ fn choose_superblock(diff: &dyn BlockDevice) -> Result<(Superblock, Option<Strin
 
 /// Picks the journal half to replay: the newest complete checkpoint at or
 /// after the superblock's epoch. Returns its superblock view and replay.
+/// A salvage open may fall back to an older half; the flag says so.
 fn choose_half(
     diff: &Arc<dyn BlockDevice>,
     best: &Superblock,
     mode: OpenMode,
     notes: &mut Vec<String>,
-) -> Result<(Superblock, Replay)> {
+) -> Result<(Superblock, Replay, bool)> {
     let probe = Journal::open(diff.clone(), best.clone());
     let mut candidates: Vec<(u64, u32)> = Vec::new();
     for half in 0..2 {
         if let Some(e) = probe.first_epoch(half)?
-            && e >= best.epoch
+            && (e >= best.epoch || mode == OpenMode::Salvage)
         {
             candidates.push((e, half));
         }
@@ -208,13 +200,19 @@ fn choose_half(
         };
         let replay = Journal::open(diff.clone(), sb.clone()).replay()?;
         if replay.checkpoint_complete() {
+            if epoch < best.epoch {
+                notes.push(format!(
+                    "salvage: the journal half the superblock names is unreadable; fell back to the older half {half} (epoch {epoch})"
+                ));
+                return Ok((sb, replay, true));
+            }
             if (epoch, half) != (best.epoch, best.active_half) {
                 notes.push(format!(
                     "the superblock names journal half {} (epoch {}), but half {half} holds a whole newer checkpoint (epoch {epoch}): used it",
                     best.active_half, best.epoch
                 ));
             }
-            return Ok((sb, replay));
+            return Ok((sb, replay, false));
         }
         if let Some(cut) = replay.cut.as_ref().filter(|c| c.committed_by.is_some())
             && mode != OpenMode::Salvage
@@ -438,9 +436,8 @@ pub(crate) fn recover(
             ),
         });
     }
-    let (sb, replay) = choose_half(diff, &best, mode, &mut notes)?;
+    let (sb, replay, mut doubtful) = choose_half(diff, &best, mode, &mut notes)?;
     let geo = Geometry::from_superblock(&sb);
-    let mut doubtful = false;
     let other = 1 - sb.active_half;
     if let Some(e) = Journal::open(diff.clone(), sb.clone()).newer_committed(other, sb.epoch)? {
         let msg = format!(
@@ -572,9 +569,10 @@ pub(crate) fn recover(
         ));
     }
     notes.extend(damaged.iter().map(|d| format!("damaged: {d}")));
-    if salvage && doubtful {
-        doubt_unaccounted(&**diff, &geo, &state, &mut doubts, &mut buf)?;
-    }
+    // After a journal cut nothing says which snapshots were deleted or
+    // which chunks were copied since: only copies the index names, checked
+    // by their entries, can be vouched for.
+    doubts.all_origin_reads = doubtful;
     state.slots = SlotAllocator::from_used(geo.slots, state.index.iter().map(|v| v.slot));
     if !salvage {
         let records = state.checkpoint_records();
@@ -675,50 +673,6 @@ fn upgrade_entries(
         };
         let entry = SlotEntry::new(v.chunk, &buf[..len], recorded).encode();
         diff.write_at(&entry, geo.entry_offset(v.slot))?;
-    }
-    Ok(())
-}
-
-/// Salvage after a journal cut: copies recorded after the cut are not in
-/// the index, but their slot entries still name their chunks. A snapshot
-/// reading such a chunk from the origin could read newer bytes: doubt it.
-fn doubt_unaccounted(
-    diff: &dyn BlockDevice,
-    geo: &Geometry,
-    state: &State,
-    doubts: &mut Doubts,
-    buf: &mut [u8],
-) -> Result<()> {
-    let indexed: HashSet<u32> = state.index.iter().map(|v| v.slot).collect();
-    let batch = 4096u32;
-    let mut entries = vec![0u8; batch as usize * HASH_LEN as usize];
-    let mut first = 0u32;
-    while first < geo.slots {
-        let n = batch.min(geo.slots - first);
-        let bytes = &mut entries[..n as usize * HASH_LEN as usize];
-        diff.read_at(bytes, geo.entry_offset(first))?;
-        for k in 0..n {
-            let slot = first + k;
-            let mut e = [0u8; HASH_LEN as usize];
-            let at = k as usize * HASH_LEN as usize;
-            e.copy_from_slice(&bytes[at..at + HASH_LEN as usize]);
-            if indexed.contains(&slot) || e == [0; HASH_LEN as usize] {
-                continue;
-            }
-            match SlotEntry::decode(&e) {
-                Some(entry) if (entry.chunk as u64) < geo.chunks => {
-                    let (_, len) = geo.chunk_range(entry.chunk as u64);
-                    diff.read_at(&mut buf[..len], geo.slot_offset(slot))?;
-                    if entry.holds(entry.chunk, &buf[..len]) {
-                        doubts.chunks.insert(entry.chunk);
-                    } else {
-                        doubts.all_origin_reads = true;
-                    }
-                }
-                _ => doubts.all_origin_reads = true,
-            }
-        }
-        first += n;
     }
     Ok(())
 }

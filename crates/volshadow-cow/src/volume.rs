@@ -923,13 +923,8 @@ impl Inner {
             problems.extend(self.notes.iter().cloned());
             if d.all_origin_reads {
                 problems.push(
-                    "salvage: a slot entry outside the index names no chunk; snapshot reads from the origin fail".into(),
+                    "salvage: the journal is damaged; snapshot reads of chunks not in the diff area fail".into(),
                 );
-            } else if !d.chunks.is_empty() {
-                problems.push(format!(
-                    "salvage: {} chunk(s) have copies the journal no longer lists; snapshot reads of them from the origin fail",
-                    d.chunks.len()
-                ));
             }
         }
         Ok(problems)
@@ -1057,10 +1052,8 @@ impl Inner {
         Ok(())
     }
 
-    /// Punches freed slots and clears their entries, merged into runs.
-    /// Best effort: a device that cannot discard keeps the old bytes, which
-    /// nothing references; a cleared entry keeps a salvage open from
-    /// doubting the chunk a freed slot once held.
+    /// Punches freed slots, merged into runs. Best effort: a device that
+    /// cannot discard keeps the old bytes, which nothing references.
     fn discard_slots(&self, freed: &[u32]) {
         let mut sorted = freed.to_vec();
         sorted.sort_unstable();
@@ -1069,10 +1062,6 @@ impl Inner {
             let len = (j - i) as u64 * self.geo.chunk;
             if let Err(e) = self.diff.discard(off, len) {
                 warn!(error = %e, "could not discard freed diff-area slots");
-            }
-            let zeros = vec![0u8; (j - i) * HASH_LEN as usize];
-            if let Err(e) = self.diff.write_at(&zeros, self.geo.entry_offset(sorted[i])) {
-                warn!(error = %e, "could not clear the entries of freed diff-area slots");
             }
         }
     }
@@ -1473,13 +1462,11 @@ impl Inner {
             match places[k] {
                 Some(s) => self.read_slots(id, c0, s, lo, dst)?,
                 None => {
-                    if let Some(d) = &self.doubts
-                        && let Some(c) = (c0..first + e as u64).find(|&c| d.origin_read(c as u32))
-                    {
+                    if self.doubts.as_ref().is_some_and(|d| d.all_origin_reads) {
                         return Err(self.damaged(
                             id,
-                            c,
-                            "salvage cannot vouch for the origin's bytes of this chunk",
+                            c0,
+                            "salvage of a damaged journal cannot vouch for the origin's bytes",
                         ));
                     }
                     self.origin.read_at(dst, lo)?
