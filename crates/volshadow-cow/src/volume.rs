@@ -1548,13 +1548,20 @@ impl Inner {
             })?)
         };
         let mut buf = vec![0u8; self.geo.chunk as usize];
+        let mut live = vec![0u8; self.geo.chunk as usize];
         for c in start..self.geo.chunks {
             if self.copied.may_have_copy(c) {
                 let (off, len) = self.geo.chunk_range(c);
-                let differs = self.state_read().index.lookup(c as u32, seq).is_some();
-                if differs {
+                let copied = self.state_read().index.lookup(c as u32, seq).is_some();
+                if copied {
                     self.read_snapshot(id, seq, off, &mut buf[..len])?;
-                    self.write_locked(Payload::Data(&buf[..len]), off)?;
+                    // A chunk written back to the target's bytes is left
+                    // alone: rewriting it would copy it again for newer
+                    // snapshots and show it as changed in every diff.
+                    self.origin.read_at(&mut live[..len], off)?;
+                    if live[..len] != buf[..len] {
+                        self.write_locked(Payload::Data(&buf[..len]), off)?;
+                    }
                 }
             }
             if (c + 1) % REVERT_STEP == 0 && c + 1 < self.geo.chunks {

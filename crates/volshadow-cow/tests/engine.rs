@@ -737,3 +737,31 @@ fn revert_that_cannot_fit_is_refused_and_changes_nothing() {
     assert!(all(&r.vol).iter().all(|&b| b == 0));
     assert_eq!(all(&r.vol.snapshot(s2.id).unwrap()), live);
 }
+
+/// A revert leaves chunks that already hold the target's bytes alone, so
+/// they are not copied again for newer snapshots nor listed as changed.
+#[test]
+fn revert_skips_chunks_that_already_hold_the_target_bytes() {
+    let r = Rig::small();
+    fill(&r.vol, 0, 1 << 20, 0xaa);
+    let s1 = r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 0, 4 * CHUNK as usize, 0xbb);
+    // Chunks 2 and 3 are written back to what S1 holds.
+    fill(&r.vol, 2 * CHUNK as u64, 2 * CHUNK as usize, 0xaa);
+    let s2 = r.vol.create_snapshot(persistent()).unwrap();
+    let used = r.vol.usage().used_bytes;
+    r.vol.revert(s1.id).unwrap();
+    assert_eq!(all(&r.vol), all(&r.vol.snapshot(s1.id).unwrap()));
+    assert_eq!(
+        r.vol.changed_extents(s2.id, Target::Live).unwrap(),
+        vec![Extent {
+            offset: 0,
+            len: 2 * CHUNK as u64
+        }]
+    );
+    assert_eq!(r.vol.usage().used_bytes, used + 2 * CHUNK as u64);
+    // Reverting again changes nothing at all.
+    let s3 = r.vol.create_snapshot(persistent()).unwrap();
+    r.vol.revert(s1.id).unwrap();
+    assert_eq!(r.vol.changed_extents(s3.id, Target::Live).unwrap(), vec![]);
+}
