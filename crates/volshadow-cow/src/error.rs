@@ -76,6 +76,12 @@ pub enum Error {
         offset: u64,
         reason: String,
     },
+    /// The snapshot belongs to a set whose creation a crash cut; it is
+    /// hidden until the set is resolved.
+    #[error(
+        "snapshot {snapshot} belongs to set {set}, whose creation was cut by a crash; resolve the set first"
+    )]
+    SetInDoubt { snapshot: Uuid, set: Uuid },
     /// The volume was opened for salvage, which never writes.
     #[error("the volume is open for salvage, which is read-only")]
     SalvageReadOnly,

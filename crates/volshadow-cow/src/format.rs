@@ -396,6 +396,35 @@ pub enum Record {
     /// `committed` mark, so every record before it counts as committed and
     /// later damage to one of them is reported, not cut off as a torn tail.
     Mark,
+    /// Phase one of a snapshot set on a member other than its decider
+    /// (the first member): the snapshot is in doubt until `SetCommit`, or
+    /// its delete when the set is abandoned.
+    SetPending(InDoubtRecord),
+    /// The set of in-doubt snapshot `seq` committed.
+    SetCommit {
+        seq: u64,
+    },
+    /// In-doubt snapshots belonging to the checkpoint (before its end).
+    CheckpointInDoubt(Vec<InDoubtRecord>),
+}
+
+/// A snapshot whose set may or may not have committed: the set's decider
+/// (the first member) holds the answer: its snapshot of the set exists
+/// exactly when the set committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InDoubtRecord {
+    pub seq: u64,
+    pub set_id: [u8; 16],
+    /// Every member, the decider first.
+    pub members: Vec<SetMemberRecord>,
+}
+
+/// One member of a snapshot set: its volume id, and where the caller said
+/// to find it (an image path for the CLI; free text, may be empty).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetMemberRecord {
+    pub volume: [u8; 16],
+    pub locator: String,
 }
 
 /// Encodes one record with its format-2 envelope.

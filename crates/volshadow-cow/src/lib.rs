@@ -28,8 +28,8 @@ pub use format::FullPolicy;
 pub use recovery::OpenMode;
 pub use set::{DEFAULT_HOLD_TIMEOUT, SnapshotSet};
 pub use types::{
-    DEFAULT_CHUNK_SIZE, DEFAULT_MAX_SNAPSHOTS, Extent, Mismatch, SnapshotInfo, SnapshotOptions,
-    Target, Usage, VerifyReport, VolumeOptions, attributes,
+    DEFAULT_CHUNK_SIZE, DEFAULT_MAX_SNAPSHOTS, Extent, InDoubtSet, Mismatch, SnapshotInfo,
+    SnapshotOptions, Target, Usage, VerifyReport, VolumeOptions, attributes,
 };
 pub use view::SnapshotView;
 pub use volume::Volume;

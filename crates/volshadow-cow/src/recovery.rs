@@ -27,8 +27,8 @@ use volshadow_block::BlockDevice;
 use crate::bitmap::AtomicBitmap;
 use crate::error::{Error, Result};
 use crate::format::{
-    FORMAT_OLDEST, FORMAT_VERSION, FullPolicy, HASH_LEN, INCOMPAT_SUPPORTED, ORIGIN_ID_LEN, Record,
-    RevertState, SlotEntry, Superblock, VersionRecord,
+    FORMAT_OLDEST, FORMAT_VERSION, FullPolicy, HASH_LEN, INCOMPAT_SUPPORTED, InDoubtRecord,
+    ORIGIN_ID_LEN, Record, RevertState, SlotEntry, Superblock, VersionRecord,
 };
 use crate::index::{SlotAllocator, VersionIndex};
 use crate::journal::{Journal, Replay};
@@ -285,6 +285,17 @@ impl Replayer {
         Ok(())
     }
 
+    fn add_in_doubt(&mut self, n: usize, d: InDoubtRecord) -> Result<()> {
+        if !self.state.snapshots.contains_key(&d.seq) || self.state.in_doubt.contains_key(&d.seq) {
+            return Err(self.corrupt(
+                n,
+                format!("in-doubt snapshot {} is unknown or listed twice", d.seq),
+            ));
+        }
+        self.state.in_doubt.insert(d.seq, d);
+        Ok(())
+    }
+
     fn apply(&mut self, n: usize, rec: Record, committed: u64) -> Result<()> {
         let is_checkpoint = matches!(rec, Record::Checkpoint { .. });
         if (n == 0) != is_checkpoint {
@@ -327,6 +338,16 @@ impl Replayer {
                 }
                 self.checkpoint_seen = true;
             }
+            Record::CheckpointInDoubt(ds) => {
+                if self.checkpoint_seen {
+                    return Err(
+                        self.corrupt(n, "checkpoint in-doubt list after the checkpoint ended")
+                    );
+                }
+                for d in ds {
+                    self.add_in_doubt(n, d)?;
+                }
+            }
             _ if !self.checkpoint_seen => {
                 return Err(self.corrupt(n, "record before the checkpoint ended"));
             }
@@ -367,6 +388,15 @@ impl Replayer {
             },
             Record::RevertEnd => st.revert = None,
             Record::Mark => {}
+            Record::SetPending(d) => self.add_in_doubt(n, d)?,
+            Record::SetCommit { seq } => {
+                if st.in_doubt.remove(&seq).is_none() {
+                    return Err(self.corrupt(
+                        n,
+                        format!("commit of snapshot {seq}, which is not in doubt"),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -691,6 +721,7 @@ impl State {
             journal,
             chunk,
             unjournaled: false,
+            in_doubt: BTreeMap::new(),
         }
     }
 }

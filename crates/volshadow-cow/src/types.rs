@@ -177,6 +177,16 @@ pub struct Mismatch {
     pub snapshots: Vec<Uuid>,
 }
 
+/// A member's snapshot of a set whose creation a crash cut before this
+/// member learnt whether the set committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InDoubtSet {
+    pub snapshot: SnapshotInfo,
+    pub set_id: Uuid,
+    /// Every member's volume id and locator, the decider first.
+    pub members: Vec<(Uuid, String)>,
+}
+
 /// Result of `Volume::verify`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {

@@ -19,16 +19,16 @@ use crate::bitmap::{CopyHint, EpochBitmap};
 use crate::commit::GroupCommit;
 use crate::error::{Error, Result};
 use crate::format::{
-    FORMAT_VERSION, FullPolicy, HASH_LEN, Record, RevertState, SUPERBLOCK_SLOT, SlotEntry,
-    SnapshotRecord, Superblock, VersionRecord,
+    FORMAT_VERSION, FullPolicy, HASH_LEN, InDoubtRecord, Record, RevertState, SUPERBLOCK_SLOT,
+    SetMemberRecord, SlotEntry, SnapshotRecord, Superblock, VersionRecord,
 };
 use crate::gate::{Closed, Gate};
 use crate::index::{SlotAllocator, VersionIndex};
 use crate::journal::Journal;
 use crate::recovery::{self, Doubts, OpenMode, entry_holds, read_entry};
 use crate::types::{
-    DEFAULT_MAX_SNAPSHOTS, Extent, Mismatch, SnapshotInfo, SnapshotOptions, Target, Usage,
-    VerifyReport, VolumeOptions, attributes,
+    DEFAULT_MAX_SNAPSHOTS, Extent, InDoubtSet, Mismatch, SnapshotInfo, SnapshotOptions, Target,
+    Usage, VerifyReport, VolumeOptions, attributes,
 };
 use crate::view::SnapshotView;
 
@@ -167,6 +167,8 @@ pub(crate) struct State {
     /// differently than in memory; the next persistent snapshot writes a
     /// checkpoint first so that replay starts from the real index.
     pub(crate) unjournaled: bool,
+    /// Snapshots of sets not known to have committed, by seq.
+    pub(crate) in_doubt: BTreeMap<u64, InDoubtRecord>,
 }
 
 impl State {
@@ -186,6 +188,11 @@ impl State {
             snapshots: self.snapshots.values().cloned().collect(),
             revert: self.revert,
         }];
+        if !self.in_doubt.is_empty() {
+            out.push(Record::CheckpointInDoubt(
+                self.in_doubt.values().cloned().collect(),
+            ));
+        }
         let all: Vec<VersionRecord> = self.index.iter().collect();
         out.extend(
             all.chunks(CHECKPOINT_BATCH)
@@ -249,16 +256,36 @@ impl State {
     /// Removes snapshot `seq` from memory; returns the slots nobody needs.
     pub(crate) fn forget(&mut self, seq: u64) -> Vec<u32> {
         self.snapshots.remove(&seq);
+        self.in_doubt.remove(&seq);
         let pred = self.snapshots.range(..seq).next_back().map(|(&s, _)| s);
         self.index.drop_tag(seq, pred)
     }
 
+    /// A usable snapshot: live and not in doubt.
     fn find(&self, id: Uuid) -> Result<u64> {
+        let seq = self.find_any(id)?;
+        match self.in_doubt.get(&seq) {
+            Some(d) => Err(Error::SetInDoubt {
+                snapshot: id,
+                set: Uuid::from_bytes(d.set_id),
+            }),
+            None => Ok(seq),
+        }
+    }
+
+    /// A live snapshot, in doubt or not.
+    fn find_any(&self, id: Uuid) -> Result<u64> {
         self.snapshots
             .values()
             .find(|s| s.id == *id.as_bytes())
             .map(|s| s.seq)
             .ok_or(Error::SnapshotNotFound(id))
+    }
+
+    fn usable(&self) -> impl Iterator<Item = &SnapshotRecord> {
+        self.snapshots
+            .values()
+            .filter(|s| !self.in_doubt.contains_key(&s.seq))
     }
 }
 
@@ -552,17 +579,70 @@ impl Volume {
     /// it, no write that starts after it returns is.
     pub fn create_snapshot(&self, options: SnapshotOptions) -> Result<SnapshotInfo> {
         let closed = self.inner.gate.close(DEFAULT_HOLD)?;
-        self.inner.create_held(&closed, &options)
+        self.inner.create_held(&closed, &options, None)
     }
 
     /// Live snapshots, oldest first.
+    ///
+    /// Snapshots of a set whose creation was cut by a crash are not listed
+    /// until the set is resolved (see [`Volume::in_doubt_sets`]).
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
         self.inner
             .state_read()
-            .snapshots
-            .values()
+            .usable()
             .map(SnapshotInfo::from_record)
             .collect()
+    }
+
+    /// Snapshots of sets whose creation a crash cut before this member
+    /// learnt the outcome. Each is hidden until resolved: the set's
+    /// decider (its first member) has its snapshot exactly when the set
+    /// committed; see [`SnapshotSet::resolve`](crate::SnapshotSet::resolve).
+    pub fn in_doubt_sets(&self) -> Vec<InDoubtSet> {
+        let st = self.inner.state_read();
+        st.in_doubt
+            .values()
+            .filter_map(|d| {
+                let snap = st.snapshots.get(&d.seq)?;
+                Some(InDoubtSet {
+                    snapshot: SnapshotInfo::from_record(snap),
+                    set_id: Uuid::from_bytes(d.set_id),
+                    members: d
+                        .members
+                        .iter()
+                        .map(|m| (Uuid::from_bytes(m.volume), m.locator.clone()))
+                        .collect(),
+                })
+            })
+            .collect()
+    }
+
+    /// Settles this member's snapshot of in-doubt set `set_id`: kept when
+    /// `committed`, deleted otherwise. Journaled and flushed.
+    pub fn resolve_in_doubt(&self, set_id: Uuid, committed: bool) -> Result<()> {
+        self.inner.check_ok()?;
+        let closed = self.inner.gate.close(DEFAULT_HOLD)?;
+        let inner = &self.inner;
+        let mut st = inner.state_write();
+        let seq = st
+            .in_doubt
+            .values()
+            .find(|d| d.set_id == *set_id.as_bytes())
+            .map(|d| d.seq)
+            .ok_or_else(|| {
+                Error::InvalidOptions(format!("no snapshot of set {set_id} is in doubt here"))
+            })?;
+        if committed {
+            st.log(Record::SetCommit { seq })
+                .map_err(|e| inner.fail(e))?;
+            inner.flush_diff(&mut st)?;
+            st.in_doubt.remove(&seq);
+            info!(%set_id, seq, "in-doubt set member kept: the set committed");
+        } else {
+            warn!(%set_id, seq, "in-doubt set member discarded: the set did not commit");
+            inner.delete_in_state(&mut st, seq, Some(&closed))?;
+        }
+        Ok(())
     }
 
     /// A read-only device showing snapshot `id`.
@@ -575,7 +655,7 @@ impl Volume {
     /// snapshot reads.
     pub fn delete_snapshot(&self, id: Uuid) -> Result<()> {
         let closed = self.inner.gate.close(DEFAULT_HOLD)?;
-        let seq = self.inner.state_read().find(id)?;
+        let seq = self.inner.state_read().find_any(id)?;
         self.inner.delete_held(&closed, seq)
     }
 
@@ -969,6 +1049,7 @@ impl Inner {
         &self,
         _closed: &Closed<'_>,
         options: &SnapshotOptions,
+        pending: Option<(Uuid, &[(Uuid, String)])>,
     ) -> Result<SnapshotInfo> {
         self.check_ok()?;
         // A persistent snapshot's contents include writes still in the
@@ -996,13 +1077,29 @@ impl Inner {
             attributes: attrs,
             persistent: options.persistent,
         };
-        st.log(Record::SnapshotCreate(rec.clone()))
+        let doubt = pending.map(|(set, members)| InDoubtRecord {
+            seq: rec.seq,
+            set_id: *set.as_bytes(),
+            members: members
+                .iter()
+                .map(|(v, l)| SetMemberRecord {
+                    volume: *v.as_bytes(),
+                    locator: l.clone(),
+                })
+                .collect(),
+        });
+        let mut records = vec![Record::SnapshotCreate(rec.clone())];
+        records.extend(doubt.clone().map(Record::SetPending));
+        st.log_batch(&records, |_, _| {})
             .map_err(|e| self.fail(e))?;
         if options.persistent {
             self.flush_diff(&mut st)?;
         }
         st.next_seq += 1;
         st.snapshots.insert(rec.seq, rec.clone());
+        if let Some(d) = doubt {
+            st.in_doubt.insert(rec.seq, d);
+        }
         // Older tags take no more inserts: store them compactly.
         st.index.freeze_older_than(rec.seq);
         // No writer is inside the gate, so nobody sets bits meanwhile.
@@ -1014,6 +1111,17 @@ impl Inner {
             "snapshot created"
         );
         Ok(SnapshotInfo::from_record(&rec))
+    }
+
+    /// Marks in-doubt snapshot `seq` committed (phase two of a set).
+    pub(crate) fn commit_held(&self, _closed: &Closed<'_>, seq: u64) -> Result<()> {
+        self.check_ok()?;
+        let mut st = self.state_write();
+        st.log(Record::SetCommit { seq })
+            .map_err(|e| self.fail(e))?;
+        self.flush_diff(&mut st)?;
+        st.in_doubt.remove(&seq);
+        Ok(())
     }
 
     /// Deletes a snapshot with the gate held closed.

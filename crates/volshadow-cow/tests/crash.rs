@@ -314,7 +314,16 @@ fn run(vol: &Volume, steps: &[Step], m: &mut Model) {
                     continue;
                 }
                 let i = persistent[pick % persistent.len()];
-                let chunks = m.changed_since(m.snaps[i].born);
+                // Only chunks whose bytes differ from the target are
+                // rewritten (and count as changed).
+                let target = &m.snaps[i].data;
+                let chunks: Vec<usize> = m
+                    .changed_since(m.snaps[i].born)
+                    .into_iter()
+                    .filter(|&c| {
+                        m.live[c * CHUNK..(c + 1) * CHUNK] != target[c * CHUNK..(c + 1) * CHUNK]
+                    })
+                    .collect();
                 m.since.push(Since::Copy {
                     chunks: chunks.clone(),
                     data: m.snaps[i].data.clone(),

@@ -140,13 +140,16 @@ impl ReferenceStateMachine for Ref {
             }
             Step::Revert(i) => {
                 // The engine rewrites exactly the chunks changed since the
-                // snapshot; they count as writes now.
+                // snapshot whose bytes differ from it; they count as writes.
                 let born = m.snaps[i].born;
+                let cs = CHUNK;
+                let target = &m.snaps[i].data;
                 let chunks: BTreeSet<usize> = m
                     .writes
                     .iter()
                     .filter(|(t, _)| *t > born)
                     .map(|&(_, c)| c)
+                    .filter(|&c| m.live[c * cs..(c + 1) * cs] != target[c * cs..(c + 1) * cs])
                     .collect();
                 m.live = m.snaps[i].data.clone();
                 m.clock += 1;
