@@ -236,7 +236,15 @@ fn bad_input_is_one_clear_line_and_changes_nothing() {
     std::fs::write(d.join("disk.diff"), &bad).unwrap();
     let out = vs_raw(d, &["list", "shadows", "--for", "disk.img"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a volshadow diff area"));
+    // Format 2 names the damage ("corrupt ... both superblock copies");
+    // either way one line that names the file.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("disk.diff")
+            && (err.contains("corrupt") || err.contains("not a volshadow diff area")),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert_eq!(std::fs::read(d.join("disk.diff")).unwrap(), bad);
 }
 
