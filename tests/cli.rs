@@ -1081,3 +1081,54 @@ fn options_have_help_text() {
         assert!(out.contains(needle), "{args:?}: {out}");
     }
 }
+
+#[test]
+fn a_damaged_copy_fails_read_and_export_and_leaves_no_output() {
+    let dir = volume("4M");
+    let d = dir.path();
+    let a = pattern(1 << 20, 71);
+    write_file(d, "a.bin", &a);
+    write_file(d, "b.bin", &pattern(1 << 20, 72));
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "a.bin",
+        ],
+    );
+    vs(d, &["create", "shadow", "--for", "disk.img"]);
+    let id = shadow_ids(d, "disk.img")[0].clone();
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "b.bin",
+        ],
+    );
+    // One bit of the preserved copy of chunk 3 (16 KiB chunks).
+    let mut diff = std::fs::read(d.join("disk.diff")).unwrap();
+    let needle = &a[3 * 16384..3 * 16384 + 4096];
+    let at = diff
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap();
+    diff[at + 100] ^= 1;
+    std::fs::write(d.join("disk.diff"), &diff).unwrap();
+    for args in [
+        vec![
+            "read", "--for", "disk.img", "--shadow", &id, "--offset", "0", "--length", "4M",
+            "--output", "out.raw",
+        ],
+        vec![
+            "export", "--for", "disk.img", "--shadow", &id, "--output", "out.raw",
+        ],
+    ] {
+        let err = refused(d, &args, 1);
+        assert!(err.contains("damaged") && err.contains("removed"), "{err}");
+        assert_eq!(err.matches(&id).count(), 1, "{err}");
+        assert!(
+            !d.join("out.raw").exists(),
+            "{args:?} left a cut-short file"
+        );
+    }
+    let out = vs_raw(d, &["verify", "--for", "disk.img"]);
+    assert_eq!(out.status.code(), Some(1));
+}

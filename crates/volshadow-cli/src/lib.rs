@@ -407,24 +407,50 @@ enum DeleteWhat {
     },
 }
 
-/// Prints an error and its causes on one line, each cause once: a cause
-/// whose text its parent's message already contains (thiserror's
-/// `"{device}: {source}"` shapes, the engine's errors wrapped by the block
-/// layer) is left out instead of repeated.
+/// An error and its causes on one line, each clause once. Errors shaped
+/// `"{context}: {source}"` (thiserror's, the block layer wrapping the
+/// engine) repeat their source's text, and the chain then prints it again;
+/// so each message is cut to its own part (without the source's text at
+/// its end), and a part is left out when the text so far already says it
+/// or the next part starts with it (`"snapshot X: snapshot X: chunk ..."`).
 pub fn one_line(e: &anyhow::Error) -> String {
+    let texts: Vec<String> = e
+        .chain()
+        .map(|c| c.to_string().replace('\n', " ").trim().to_string())
+        .collect();
+    let own: Vec<&str> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match texts.get(i + 1) {
+            Some(next)
+                if !next.is_empty() && t.len() > next.len() && t.ends_with(next.as_str()) =>
+            {
+                t[..t.len() - next.len()]
+                    .trim_end()
+                    .trim_end_matches(':')
+                    .trim_end()
+            }
+            _ => t.as_str(),
+        })
+        .collect();
     let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        let text = text.trim();
-        if text.is_empty() || out.contains(text) {
+    for (i, part) in own.iter().enumerate() {
+        if part.is_empty() || out.contains(part) {
+            continue;
+        }
+        if own[i + 1..]
+            .iter()
+            .find(|n| !n.is_empty())
+            .is_some_and(|next| next.starts_with(part))
+        {
             continue;
         }
         if !out.is_empty() {
             out.push_str(": ");
         }
-        out.push_str(text);
+        out.push_str(part);
     }
-    out.replace('\n', " ")
+    out
 }
 
 /// Entry point of the binary.
@@ -705,9 +731,13 @@ fn run(cmd: Command) -> Result<()> {
             };
             print_reply(&reply, json)?;
             if let Reply::Verify { report } = &reply
-                && !report.mismatches.is_empty()
+                && !report.is_clean()
             {
-                bail!("{} damaged chunk(s)", report.mismatches.len());
+                bail!(
+                    "{} damaged chunk(s), {} other problem(s)",
+                    report.mismatches.len(),
+                    report.problems.len()
+                );
             }
             Ok(())
         }
@@ -1042,13 +1072,19 @@ fn read(
             }
             let f = std::fs::File::create(p).with_context(|| format!("writing {}", p.display()))?;
             let mut w = std::io::BufWriter::new(f);
-            session
+            let done = session
                 .read_to(shadow, offset, length, &mut w)
-                .with_context(|| format!("writing {}", p.display()))?;
-            w.into_inner()
-                .map_err(std::io::IntoInnerError::into_error)?
-                .sync_all()
-                .with_context(|| format!("writing {}", p.display()))?;
+                .and_then(|()| {
+                    Ok(w.into_inner()
+                        .map_err(std::io::IntoInnerError::into_error)?
+                        .sync_all()?)
+                });
+            if let Err(e) = done {
+                // A cut-short file could pass for the data (a damaged chunk
+                // fails a read part way): leave none.
+                let _ = std::fs::remove_file(p);
+                return Err(e.context(format!("reading into {} (removed)", p.display())));
+            }
         }
         None => session.read_to(shadow, offset, length, &mut std::io::stdout().lock())?,
     }
@@ -1101,21 +1137,36 @@ fn export(img: &Path, shadow: &str, output: &Path, since: Option<&str>, json: bo
     let bar = progress(total, "exporting");
     let mut buf = vec![0u8; 1 << 20];
     let mut written = 0u64;
-    for (off, elen) in extents {
-        let mut at = off;
-        while at < off + elen {
-            let n = (off + elen - at).min(buf.len() as u64) as usize;
-            view.read_at(&mut buf[..n], at)?;
-            // A full export skips zero runs: the output stays sparse.
-            if since.is_some() || buf[..n].iter().any(|&b| b != 0) {
-                write_at(&out, &buf[..n], at)?;
-                written += n as u64;
+    let copied = (|| -> Result<()> {
+        for &(off, elen) in &extents {
+            let mut at = off;
+            while at < off + elen {
+                let n = (off + elen - at).min(buf.len() as u64) as usize;
+                view.read_at(&mut buf[..n], at)?;
+                // A full export skips zero runs: the output stays sparse.
+                if since.is_some() || buf[..n].iter().any(|&b| b != 0) {
+                    write_at(&out, &buf[..n], at)?;
+                    written += n as u64;
+                }
+                at += n as u64;
+                bar.inc(n as u64);
             }
-            at += n as u64;
-            bar.inc(n as u64);
         }
+        Ok(out.sync_all()?)
+    })();
+    if let Err(e) = copied {
+        bar.finish_and_clear();
+        if since.is_none() {
+            // A full export cut short (a damaged chunk, a full disk) could
+            // pass for the shadow copy: leave none.
+            let _ = std::fs::remove_file(output);
+            return Err(e.context(format!("exporting to {} (removed)", output.display())));
+        }
+        return Err(e.context(format!(
+            "exporting to {}: the incremental export stopped part way; the file is not a consistent image",
+            output.display()
+        )));
     }
-    out.sync_all()?;
     bar.finish_and_clear();
     if json {
         println!(
@@ -1255,6 +1306,28 @@ mod tests {
         assert!(
             line.starts_with("opening x.img: cannot open x.img"),
             "{line}"
+        );
+    }
+
+    #[test]
+    fn a_prefix_the_source_repeats_is_printed_once() {
+        #[derive(Debug)]
+        struct Damaged;
+        impl std::fmt::Display for Damaged {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("snapshot 3f2a: chunk 3 at offset 49152 is damaged")
+            }
+        }
+        impl std::error::Error for Damaged {}
+        let layer = volshadow_block::Error::Layer {
+            device: "snapshot 3f2a".into(),
+            kind: std::io::ErrorKind::InvalidData,
+            source: Box::new(Damaged),
+        };
+        let e = anyhow::Error::from(layer).context("reading into out.raw");
+        assert_eq!(
+            one_line(&e),
+            "reading into out.raw: snapshot 3f2a: chunk 3 at offset 49152 is damaged"
         );
     }
 }

@@ -415,6 +415,12 @@ pub fn render(reply: &Reply) -> String {
                     report.unhashed
                 );
             }
+            if !report.problems.is_empty() {
+                out += &format!("{} other problem(s):\n", report.problems.len());
+                for p in &report.problems {
+                    out += &format!("  {p}\n");
+                }
+            }
             for m in &report.mismatches {
                 let ids: Vec<String> = m.snapshots.iter().map(Uuid::to_string).collect();
                 out += &format!(
