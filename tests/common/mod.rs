@@ -95,6 +95,15 @@ pub struct Server {
 
 impl Server {
     pub fn start(dir: &Path, img: &str) -> Server {
+        Self::start_with(dir, img, Stdio::null())
+    }
+
+    /// Like `start`, with the server's stderr (its log) going to `log`.
+    pub fn start_logged(dir: &Path, img: &str, log: &Path) -> Server {
+        Self::start_with(dir, img, std::fs::File::create(log).unwrap().into())
+    }
+
+    fn start_with(dir: &Path, img: &str, stderr: Stdio) -> Server {
         let socket = dir.join("nbd.sock");
         let child = Command::new(bin())
             .args(["serve", "--for", img, "--socket"])
@@ -102,7 +111,7 @@ impl Server {
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);

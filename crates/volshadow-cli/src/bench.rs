@@ -11,15 +11,24 @@ use serde::Serialize;
 use volshadow_block::{BlockDevice, FileImage};
 use volshadow_cow::SnapshotOptions;
 
+const MAX_BLOCK: u64 = 64 << 20;
+const MAX_DEPTH: usize = 1024;
+/// 16 bytes of latency per op: at most 160 MB of samples.
+const MAX_COUNT: u64 = 10_000_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Pattern {
+    /// Consecutive blocks from the start.
     Seq,
+    /// Uniformly random blocks.
     Rand,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
+    /// Write the blocks.
     Write,
+    /// Read the blocks.
     Read,
 }
 
@@ -75,6 +84,13 @@ fn splitmix(x: &mut u64) -> u64 {
 pub fn run(img: &Path, args: &BenchArgs) -> Result<BenchResult> {
     if args.block_size == 0 || args.depth == 0 || args.count == 0 {
         bail!("block size, depth and count must be positive");
+    }
+    // Each thread holds one block and each op one latency sample: bounded
+    // so no argument makes the loop allocate without limit.
+    if args.block_size > MAX_BLOCK || args.depth > MAX_DEPTH || args.count > MAX_COUNT {
+        bail!(
+            "block size at most {MAX_BLOCK}, depth at most {MAX_DEPTH}, count at most {MAX_COUNT}"
+        );
     }
     let mut create_us = None;
     let mut volume = None;

@@ -2,7 +2,11 @@
 //! operation to the server holding the volume instead of opening it.
 //!
 //! One request per connection: a JSON line, then `payload_len` raw bytes;
-//! the answer likewise (`{"ok": reply}` or `{"error": "..."}`).
+//! the answer likewise (`{"ok": reply}` or `{"error": "..."}`, with the
+//! shadow copies the delete-oldest policy removed meanwhile). Every
+//! length a peer sends is checked before anything is allocated for it:
+//! the request line, the payload and a read's length are bounded, so
+//! nothing a client sends can make the server allocate without limit.
 
 use std::path::Path;
 
@@ -12,10 +16,10 @@ use anyhow::{anyhow, bail};
 #[cfg(unix)]
 use serde::{Deserialize, Serialize};
 #[cfg(unix)]
-use std::io::{BufRead, BufReader, Write};
-use volshadow_cow::Volume;
+use std::io::{BufRead, BufReader, Read, Write};
 
-use crate::ops::{Reply, Request};
+use crate::ops::{Answer, Request};
+use crate::report::Reporter;
 
 #[cfg(unix)]
 #[derive(Debug, Serialize, Deserialize)]
@@ -25,11 +29,26 @@ struct Envelope<T> {
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     payload_len: u64,
+    /// Shadow copies deleted to make room while the request ran.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    auto_deleted: Vec<crate::ops::ShadowRow>,
 }
 
-/// Largest payload accepted over the socket.
+/// Longest request line the server reads: requests are small JSON objects.
 #[cfg(unix)]
-const MAX_PAYLOAD: u64 = 1 << 30;
+const MAX_REQUEST_LINE: u64 = 64 << 10;
+/// Longest reply line a client reads (a diff of a large, fragmented volume
+/// lists many extents); a guard against a broken server, not a quota.
+#[cfg(unix)]
+const MAX_REPLY_LINE: u64 = 1 << 30;
+/// Control connections served at once; more get "busy" rather than a
+/// thread and a buffer each.
+#[cfg(unix)]
+const MAX_CONNECTIONS: usize = 32;
+/// A client that sends nothing for this long is dropped, so idle
+/// connections cannot hold every slot.
+#[cfg(unix)]
+const IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[cfg(unix)]
 fn send<T: Serialize>(w: &mut impl Write, env: &Envelope<T>, payload: &[u8]) -> Result<()> {
@@ -41,15 +60,28 @@ fn send<T: Serialize>(w: &mut impl Write, env: &Envelope<T>, payload: &[u8]) -> 
     Ok(())
 }
 
+/// Reads one envelope: a line of at most `max_line` bytes, then a payload
+/// of at most [`crate::ops::MAX_PIECE`] bytes.
 #[cfg(unix)]
-fn receive<T: for<'de> Deserialize<'de>>(r: &mut impl BufRead) -> Result<(Envelope<T>, Vec<u8>)> {
-    let mut line = String::new();
-    if r.read_line(&mut line)? == 0 {
-        bail!("the control socket closed without an answer");
+fn receive<T: for<'de> Deserialize<'de>>(
+    r: &mut impl BufRead,
+    max_line: u64,
+) -> Result<(Envelope<T>, Vec<u8>)> {
+    let mut line = Vec::new();
+    r.take(max_line).read_until(b'\n', &mut line)?;
+    if line.is_empty() {
+        bail!("the control socket closed without a message");
     }
-    let env: Envelope<T> = serde_json::from_str(&line)?;
-    if env.payload_len > MAX_PAYLOAD {
-        bail!("payload of {} bytes is too large", env.payload_len);
+    if line.last() != Some(&b'\n') {
+        bail!("control message line longer than {max_line} bytes or cut short");
+    }
+    let env: Envelope<T> = serde_json::from_slice(&line)?;
+    if env.payload_len > crate::ops::MAX_PIECE {
+        bail!(
+            "payload of {} bytes is more than the control socket's limit of {} bytes",
+            env.payload_len,
+            crate::ops::MAX_PIECE
+        );
     }
     let mut payload = vec![0u8; env.payload_len as usize];
     r.read_exact(&mut payload)?;
@@ -58,8 +90,10 @@ fn receive<T: for<'de> Deserialize<'de>>(r: &mut impl BufRead) -> Result<(Envelo
 
 /// Sends `req` to the server on `socket`. `Ok(None)` when no server is
 /// listening there (a stale socket file), so the caller opens the volume.
+/// A refused request is an answer too (`result` holds the error), so the
+/// shadow copies deleted meanwhile are still told.
 #[cfg(unix)]
-pub fn call(socket: &Path, req: &Request, payload: &[u8]) -> Result<Option<(Reply, Vec<u8>)>> {
+pub fn call(socket: &Path, req: &Request, payload: &[u8]) -> Result<Option<Answer>> {
     use std::os::unix::net::UnixStream;
     let stream = match UnixStream::connect(socket) {
         Ok(s) => s,
@@ -72,26 +106,36 @@ pub fn call(socket: &Path, req: &Request, payload: &[u8]) -> Result<Option<(Repl
             ok: Some(req),
             error: None,
             payload_len: payload.len() as u64,
+            auto_deleted: Vec::new(),
         },
         payload,
     )?;
-    let (env, data) = receive::<Reply>(&mut BufReader::new(&stream))?;
+    let (env, data) = receive::<crate::ops::Reply>(&mut BufReader::new(&stream), MAX_REPLY_LINE)?;
     match (env.ok, env.error) {
-        (Some(reply), _) => Ok(Some((reply, data))),
-        (None, Some(e)) => Err(anyhow!(e)),
+        (Some(reply), _) => Ok(Some(Answer {
+            result: Ok((reply, data)),
+            auto_deleted: env.auto_deleted,
+        })),
+        (None, Some(e)) => Ok(Some(Answer {
+            result: Err(anyhow!(e)),
+            auto_deleted: env.auto_deleted,
+        })),
         (None, None) => bail!("the server sent an empty answer"),
     }
 }
 
 #[cfg(not(unix))]
-pub fn call(_socket: &Path, _req: &Request, _payload: &[u8]) -> Result<Option<(Reply, Vec<u8>)>> {
+pub fn call(_socket: &Path, _req: &Request, _payload: &[u8]) -> Result<Option<Answer>> {
     Ok(None)
 }
 
-/// Serves control requests for `vol` until the process ends.
+/// Serves control requests for the reporter's volume until the process
+/// ends.
 #[cfg(unix)]
-pub fn serve(socket: &Path, vol: Volume) -> Result<()> {
+pub fn serve(socket: &Path, reporter: std::sync::Arc<Reporter>) -> Result<()> {
     use std::os::unix::net::{UnixListener, UnixStream};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     if UnixStream::connect(socket).is_ok() {
         bail!(
             "another server is already listening on {}",
@@ -101,47 +145,93 @@ pub fn serve(socket: &Path, vol: Volume) -> Result<()> {
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)
         .map_err(|e| anyhow!("cannot listen on {}: {e}", socket.display()))?;
+    let open = Arc::new(AtomicUsize::new(0));
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let vol = vol.clone();
-            std::thread::spawn(move || {
-                if let Err(e) = handle(&vol, &stream) {
-                    tracing::warn!(error = %e, "control request failed");
+            if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                open.fetch_sub(1, Ordering::AcqRel);
+                let _ = send::<crate::ops::Reply>(
+                    &mut &stream,
+                    &Envelope {
+                        ok: None,
+                        error: Some("the server is busy; try again".into()),
+                        payload_len: 0,
+                        auto_deleted: Vec::new(),
+                    },
+                    &[],
+                );
+                continue;
+            }
+            let (reporter, open) = (reporter.clone(), open.clone());
+            let spawned = std::thread::Builder::new().spawn(move || {
+                let _ = stream.set_read_timeout(Some(IDLE));
+                let _ = stream.set_write_timeout(Some(IDLE));
+                if let Err(e) = handle(&reporter, &stream) {
+                    tracing::warn!(error = %crate::one_line(&e), "control request failed");
                 }
+                open.fetch_sub(1, Ordering::AcqRel);
             });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start a control thread");
+            }
         }
     });
     Ok(())
 }
 
 #[cfg(not(unix))]
-pub fn serve(_socket: &Path, _vol: Volume) -> Result<()> {
+pub fn serve(_socket: &Path, _reporter: std::sync::Arc<Reporter>) -> Result<()> {
     Ok(())
 }
 
 #[cfg(unix)]
-fn handle(vol: &Volume, stream: &std::os::unix::net::UnixStream) -> Result<()> {
-    let (env, payload) = receive::<Request>(&mut BufReader::new(stream))?;
-    let Some(req) = env.ok else {
-        bail!("request without an operation");
-    };
+fn handle(reporter: &Reporter, stream: &std::os::unix::net::UnixStream) -> Result<()> {
     let mut w = stream;
-    match crate::ops::execute(vol, &req, &payload) {
+    let answer = receive::<Request>(&mut BufReader::new(stream), MAX_REQUEST_LINE).and_then(
+        |(env, payload)| {
+            let Some(req) = env.ok else {
+                bail!("request without an operation");
+            };
+            Ok((req, payload))
+        },
+    );
+    let (req, payload) = match answer {
+        Ok(r) => r,
+        Err(e) => {
+            // Tell the client why, then log it.
+            let _ = send::<crate::ops::Reply>(
+                &mut w,
+                &Envelope {
+                    ok: None,
+                    error: Some(crate::one_line(&e)),
+                    payload_len: 0,
+                    auto_deleted: Vec::new(),
+                },
+                &[],
+            );
+            return Err(e);
+        }
+    };
+    let (result, auto_deleted) =
+        reporter.during(|| crate::ops::execute(reporter.volume(), &req, &payload));
+    match result {
         Ok((reply, data)) => send(
             &mut w,
             &Envelope {
                 ok: Some(reply),
                 error: None,
                 payload_len: data.len() as u64,
+                auto_deleted,
             },
             &data,
         ),
-        Err(e) => send::<Reply>(
+        Err(e) => send::<crate::ops::Reply>(
             &mut w,
             &Envelope {
                 ok: None,
-                error: Some(format!("{e:#}")),
+                error: Some(crate::one_line(&e)),
                 payload_len: 0,
+                auto_deleted,
             },
             &[],
         ),

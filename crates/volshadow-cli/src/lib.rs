@@ -5,12 +5,15 @@
 mod bench;
 mod control;
 mod exports;
+mod guard;
 mod ops;
 mod quickstart;
+mod report;
+mod session;
 mod storage;
 mod vss;
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -22,7 +25,8 @@ use volshadow_block::{BlockDevice, FileImage};
 use volshadow_cow::{FullPolicy, SnapshotOptions, SnapshotSet, Target, Volume, VolumeOptions};
 
 pub use ops::{Reply, Request, ShadowRow, Which};
-pub use storage::parse_size;
+use session::Session;
+pub use storage::{parse_positive_size, parse_size};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -72,84 +76,117 @@ enum Command {
     },
     /// Write a file (or stdin) into the live volume through the COW layer.
     Write {
+        /// The volume's image.
         #[arg(long = "for", value_name = "IMG")]
         volume: PathBuf,
-        #[arg(long, value_parser = parse_size_or_zero)]
+        /// Where in the volume to write (bytes; K, M, G, T suffixes).
+        #[arg(long, value_parser = parse_size)]
         offset: u64,
+        /// The data to write (default: standard input).
         #[arg(long)]
         input: Option<PathBuf>,
+        /// Print the result as JSON (with shadow copies deleted to make room).
+        #[arg(long)]
+        json: bool,
     },
     /// Read bytes of the live volume or of a shadow copy.
     Read {
+        /// The volume's image.
         #[arg(long = "for", value_name = "IMG")]
         volume: PathBuf,
+        /// Read this shadow copy (id or unique prefix) instead of the live volume.
         #[arg(long)]
         shadow: Option<String>,
-        #[arg(long, value_parser = parse_size_or_zero)]
+        /// Where to start (bytes; K, M, G, T suffixes).
+        #[arg(long, value_parser = parse_size)]
         offset: u64,
+        /// How many bytes to read (streamed, whatever the length).
         #[arg(long, value_parser = parse_size)]
         length: u64,
+        /// Write the bytes to this file (default: standard output). Never
+        /// one of a volume's own files.
         #[arg(long)]
         output: Option<PathBuf>,
     },
     /// Changed extents between two shadow copies (or one and the live volume).
     Diff {
+        /// The volume's image.
         #[arg(long = "for", value_name = "IMG")]
         volume: PathBuf,
+        /// The older shadow copy (id or unique prefix).
         #[arg(long)]
         from: String,
+        /// The newer shadow copy (default: the live volume).
         #[arg(long)]
         to: Option<String>,
+        /// Print the extents as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Write a shadow copy to a raw image; with --since, only changed chunks.
     Export {
+        /// The volume's image.
         #[arg(long = "for", value_name = "IMG")]
         volume: PathBuf,
+        /// The shadow copy to export (id or unique prefix).
         #[arg(long)]
         shadow: String,
+        /// The raw image to write. Never one of a volume's own files.
         #[arg(long)]
         output: PathBuf,
+        /// Only the chunks changed since this older shadow copy, into an
+        /// existing export of it.
         #[arg(long)]
         since: Option<String>,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Roll the volume back to a (persistent) shadow copy.
     Revert {
+        /// The volume's image.
         #[arg(long = "for", value_name = "IMG")]
         volume: PathBuf,
+        /// The shadow copy to roll back to (id or unique prefix).
         #[arg(long)]
         shadow: String,
+        /// Print the result as JSON (with shadow copies deleted to make room).
+        #[arg(long)]
+        json: bool,
     },
     /// Reread every preserved chunk and check its hash.
     Verify {
+        /// The volume's image.
         #[arg(long = "for", value_name = "IMG")]
         volume: PathBuf,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Serve the live volume and its shadow copies over NBD.
     Serve {
+        /// The volume's image.
         #[arg(long = "for", value_name = "IMG")]
         volume: PathBuf,
         /// Unix socket to listen on.
         #[arg(long, conflicts_with = "listen")]
         socket: Option<PathBuf>,
-        /// TCP address to listen on.
+        /// TCP address to listen on (default 127.0.0.1:10809).
         #[arg(long)]
         listen: Option<String>,
     },
     /// Run a VSS backup: writers, providers and volumes from a TOML config.
     Backup {
+        /// The backup configuration (TOML).
         #[arg(long)]
         config: PathBuf,
     },
     /// Restore from a backup components document.
     Restore {
+        /// The backup configuration (TOML).
         #[arg(long)]
         config: PathBuf,
+        /// The backup components document `backup` wrote.
         #[arg(long)]
         document: PathBuf,
         /// Only these components (`logical_path\name`); default all.
@@ -158,17 +195,22 @@ enum Command {
     },
     /// Time an I/O loop on the volume (or the bare file), like `qemu-img bench`.
     Bench {
+        /// The volume's image.
         #[arg(long = "for", value_name = "IMG")]
         volume: PathBuf,
+        /// Sequential or random offsets.
         #[arg(long, value_enum, default_value = "seq")]
         pattern: bench::Pattern,
+        /// Write or read.
         #[arg(long, value_enum, default_value = "write")]
         mode: bench::Mode,
-        #[arg(long, value_parser = parse_size, default_value = "4K")]
+        /// Bytes per I/O (at most 64M).
+        #[arg(long, value_parser = parse_positive_size, default_value = "4K")]
         block_size: u64,
-        /// Threads issuing I/O at once.
+        /// Threads issuing I/O at once (at most 1024).
         #[arg(long, default_value_t = 1)]
         depth: usize,
+        /// I/Os in all.
         #[arg(long, default_value_t = 10000)]
         count: u64,
         /// Take a snapshot first (so writes are first writes).
@@ -177,6 +219,7 @@ enum Command {
         /// Take this many snapshots first.
         #[arg(long, default_value_t = 0)]
         snapshots: usize,
+        /// Make the snapshots taken first persistent.
         #[arg(long)]
         persistent: bool,
         /// The same loop on the bare image file, without the COW layer.
@@ -185,8 +228,10 @@ enum Command {
         /// Read the newest snapshot instead of the live volume.
         #[arg(long)]
         from_snapshot: bool,
+        /// Seed of the random offsets.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -203,16 +248,21 @@ enum Command {
 enum ImageCommand {
     /// Create a sparse raw image.
     Create {
+        /// The new image file (must not exist).
         img: PathBuf,
-        #[arg(long, value_parser = parse_size)]
+        /// Its size (bytes; K, M, G, T suffixes).
+        #[arg(long, value_parser = parse_positive_size)]
         size: u64,
     },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum OnFull {
+    /// Delete the oldest shadow copies to make room (each is told).
     DeleteOldest,
+    /// Refuse the write; nothing changes.
     FailWrites,
+    /// Raise the limit, up to --grow-max.
     Grow,
 }
 
@@ -240,13 +290,18 @@ impl PolicyArgs {
 
 #[derive(Debug, Subcommand)]
 enum AddWhat {
+    /// Pair a volume with a new diff-area file (recorded in IMG.vshadow).
     Shadowstorage {
+        /// The volume's image.
         #[arg(long = "for", value_name = "IMG")]
         volume: PathBuf,
+        /// The new diff-area file (must not exist).
         #[arg(long = "on", value_name = "DIFF")]
         diff: PathBuf,
+        /// Most shadow storage to use (at least one chunk).
         #[arg(long, value_parser = parse_size)]
         maxsize: u64,
+        /// Copy-on-write granularity: a power of two, 4K to 1M.
         #[arg(long, value_parser = parse_size, default_value = "16K")]
         chunk_size: u64,
         /// Write the whole diff area once now (like qemu-img's
@@ -261,9 +316,12 @@ enum AddWhat {
 
 #[derive(Debug, Subcommand)]
 enum ResizeWhat {
+    /// Change the limit (and optionally the policy) of a volume's shadow storage.
     Shadowstorage {
+        /// The volume's image.
         #[arg(long = "for", value_name = "IMG")]
         volume: PathBuf,
+        /// The new limit (at least one chunk, at most the capacity).
         #[arg(long, value_parser = parse_size)]
         maxsize: u64,
         #[command(flatten)]
@@ -273,25 +331,38 @@ enum ResizeWhat {
 
 #[derive(Debug, Subcommand)]
 enum ListWhat {
+    /// Shadow copies of a volume, oldest first.
     Shadows {
+        /// The volume's image.
         #[arg(long = "for", value_name = "IMG")]
         volume: PathBuf,
+        /// Print the list as JSON.
         #[arg(long)]
         json: bool,
     },
+    /// Shadow storage use, limit and policy, and how many shadow copies
+    /// the delete-oldest policy removed (since `serve` started, or during
+    /// this command without a server).
     Shadowstorage {
+        /// The volume's image (default: every IMG.vshadow in this directory).
         #[arg(long = "for", value_name = "IMG")]
         volume: Option<PathBuf>,
+        /// Print the list as JSON.
         #[arg(long)]
         json: bool,
     },
+    /// Writers of a backup configuration and their state.
     Writers {
+        /// The backup configuration (TOML).
         #[arg(long)]
         config: PathBuf,
+        /// Print the list as JSON.
         #[arg(long)]
         json: bool,
     },
+    /// The snapshot providers this build offers.
     Providers {
+        /// Print the list as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -299,6 +370,7 @@ enum ListWhat {
 
 #[derive(Debug, Subcommand)]
 enum CreateWhat {
+    /// Take a shadow copy of one volume, or one atomic set of several.
     Shadow {
         /// A volume; several make one atomic shadow copy set.
         #[arg(long = "for", value_name = "IMG", required = true)]
@@ -310,6 +382,7 @@ enum CreateWhat {
         /// Auto-release: lives only while a `serve` holds the volume.
         #[arg(long)]
         non_persistent: bool,
+        /// Print the new shadow copy as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -317,24 +390,67 @@ enum CreateWhat {
 
 #[derive(Debug, Subcommand)]
 enum DeleteWhat {
+    /// Delete one shadow copy, the oldest, or all.
     Shadows {
+        /// The volume's image.
         #[arg(long = "for", value_name = "IMG")]
         volume: PathBuf,
+        /// This shadow copy (id or unique prefix).
         #[arg(long, group = "which")]
         shadow: Option<String>,
+        /// The oldest shadow copy.
         #[arg(long, group = "which")]
         oldest: bool,
+        /// Every shadow copy.
         #[arg(long, group = "which")]
         all: bool,
     },
 }
 
-fn parse_size_or_zero(s: &str) -> Result<u64, String> {
-    if s.trim() == "0" {
-        Ok(0)
-    } else {
-        parse_size(s)
+/// An error and its causes on one line, each clause once. Errors shaped
+/// `"{context}: {source}"` (thiserror's, the block layer wrapping the
+/// engine) repeat their source's text, and the chain then prints it again;
+/// so each message is cut to its own part (without the source's text at
+/// its end), and a part is left out when the text so far already says it
+/// or the next part starts with it (`"snapshot X: snapshot X: chunk ..."`).
+pub fn one_line(e: &anyhow::Error) -> String {
+    let texts: Vec<String> = e
+        .chain()
+        .map(|c| c.to_string().replace('\n', " ").trim().to_string())
+        .collect();
+    let own: Vec<&str> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match texts.get(i + 1) {
+            Some(next)
+                if !next.is_empty() && t.len() > next.len() && t.ends_with(next.as_str()) =>
+            {
+                t[..t.len() - next.len()]
+                    .trim_end()
+                    .trim_end_matches(':')
+                    .trim_end()
+            }
+            _ => t.as_str(),
+        })
+        .collect();
+    let mut out = String::new();
+    for (i, part) in own.iter().enumerate() {
+        if part.is_empty() || out.contains(part) {
+            continue;
+        }
+        if own[i + 1..]
+            .iter()
+            .find(|n| !n.is_empty())
+            .is_some_and(|next| next.starts_with(part))
+        {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(part);
     }
+    out
 }
 
 /// Entry point of the binary.
@@ -353,43 +469,58 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(cli.verbose);
+    // A server has no one to tell but its log: warnings (such as shadow
+    // copies deleted to make room) are shown without -v.
+    let quiet_level = matches!(cli.command, Command::Serve { .. }).then_some("warn");
+    init_logging(cli.verbose, quiet_level);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("volshadow: {msg}");
+            eprintln!("volshadow: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-fn init_logging(verbose: u8) {
-    let level = match verbose {
-        0 => return,
-        1 => "info",
+fn init_logging(verbose: u8, quiet_level: Option<&str>) {
+    let level = match (verbose, quiet_level) {
+        (0, None) => return,
+        (0, Some(level)) => level,
+        (1, _) => "info",
         _ => "debug",
     };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(level))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
 /// Runs one operation on the volume: through its server if one holds it,
-/// otherwise in-process.
+/// otherwise in-process. Shadow copies deleted to make room are told on
+/// stderr.
 pub fn on_volume(img: &Path, req: &Request, payload: &[u8]) -> Result<(Reply, Vec<u8>)> {
-    if let Some(answer) = control::call(&storage::control_path(img), req, payload)? {
-        return Ok(answer);
-    }
-    let vol = storage::open_volume(img)?;
-    ops::execute(&vol, req, payload)
+    Session::new(img).call(req, payload)
 }
 
 fn print_reply(reply: &Reply, json: bool) -> Result<()> {
+    print_reply_with(reply, json, None)
+}
+
+/// With `auto_deleted` (verbs that write), `--json` gains an
+/// `"auto_deleted": [ids]` field: the shadow copies deleted to make room.
+fn print_reply_with(
+    reply: &Reply,
+    json: bool,
+    auto_deleted: Option<Vec<uuid::Uuid>>,
+) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if json {
-        serde_json::to_writer_pretty(&mut out, reply)?;
+        let mut doc = serde_json::to_value(reply)?;
+        if let (Some(ids), Some(map)) = (auto_deleted, doc.as_object_mut()) {
+            map.insert("auto_deleted".into(), serde_json::to_value(ids)?);
+        }
+        serde_json::to_writer_pretty(&mut out, &doc)?;
         writeln!(out)?;
     } else {
         write!(out, "{}", ops::render(reply))?;
@@ -419,6 +550,14 @@ fn run(cmd: Command) -> Result<()> {
         Command::Image {
             command: ImageCommand::Create { img, size },
         } => {
+            if storage::binding_path(&img).exists() {
+                bail!(
+                    "refusing to create {}: it is a volume with shadow storage ({}); nothing was changed",
+                    img.display(),
+                    storage::binding_path(&img).display()
+                );
+            }
+            guard::refuse_volume_file(&img, &[], "a new image")?;
             FileImage::create(&img, size)?;
             println!("Created {} ({}).", img.display(), ops::human_size(size));
             Ok(())
@@ -501,22 +640,30 @@ fn run(cmd: Command) -> Result<()> {
             volume,
             offset,
             input,
+            json,
         } => {
-            let mut data = Vec::new();
-            match &input {
+            let mut session = Session::new(&volume);
+            let written = match &input {
                 Some(p) => {
-                    data = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?
+                    let mut f = std::fs::File::open(p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    session.write_from(offset, &mut f)?
                 }
-                None => {
-                    std::io::stdin().read_to_end(&mut data)?;
-                }
-            }
-            let req = Request::Write {
-                offset,
-                length: data.len() as u64,
+                None => session.write_from(offset, &mut std::io::stdin().lock())?,
             };
-            on_volume(&volume, &req, &data)?;
-            eprintln!("Wrote {} bytes at offset {offset}.", data.len());
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "kind": "written",
+                        "offset": offset,
+                        "bytes": written,
+                        "auto_deleted": session.auto_deleted_ids(),
+                    }))?
+                );
+            } else {
+                eprintln!("Wrote {written} bytes at offset {offset}.");
+            }
             Ok(())
         }
         Command::Read {
@@ -525,21 +672,13 @@ fn run(cmd: Command) -> Result<()> {
             offset,
             length,
             output,
-        } => {
-            let req = Request::Read {
-                shadow,
-                offset,
-                length,
-            };
-            let (_, data) = on_volume(&volume, &req, &[])?;
-            match output {
-                Some(p) => {
-                    std::fs::write(&p, &data).with_context(|| format!("writing {}", p.display()))?
-                }
-                None => std::io::stdout().lock().write_all(&data)?,
-            }
-            Ok(())
-        }
+        } => read(
+            &volume,
+            shadow.as_deref(),
+            offset,
+            length,
+            output.as_deref(),
+        ),
         Command::Diff {
             volume,
             from,
@@ -556,21 +695,29 @@ fn run(cmd: Command) -> Result<()> {
             since,
             json,
         } => export(&volume, &shadow, &output, since.as_deref(), json),
-        Command::Revert { volume, shadow } => {
-            on_volume(
-                &volume,
+        Command::Revert {
+            volume,
+            shadow,
+            json,
+        } => {
+            let mut session = Session::new(&volume);
+            let (reply, _) = session.call(
                 &Request::Revert {
                     shadow: shadow.clone(),
                 },
                 &[],
             )?;
-            println!("Reverted {} to shadow copy {shadow}.", volume.display());
-            Ok(())
+            if json {
+                print_reply_with(&reply, true, Some(session.auto_deleted_ids()))
+            } else {
+                println!("Reverted {} to shadow copy {shadow}.", volume.display());
+                Ok(())
+            }
         }
         Command::Verify { volume, json } => {
             let reply = match control::call(&storage::control_path(&volume), &Request::Verify, &[])?
             {
-                Some((reply, _)) => reply,
+                Some(answer) => answer.result?.0,
                 None => {
                     let vol = storage::open_volume(&volume)?;
                     let bar = progress(0, "verifying");
@@ -584,9 +731,13 @@ fn run(cmd: Command) -> Result<()> {
             };
             print_reply(&reply, json)?;
             if let Reply::Verify { report } = &reply
-                && !report.mismatches.is_empty()
+                && !report.is_clean()
             {
-                bail!("{} damaged chunk(s)", report.mismatches.len());
+                bail!(
+                    "{} damaged chunk(s), {} other problem(s)",
+                    report.mismatches.len(),
+                    report.problems.len()
+                );
             }
             Ok(())
         }
@@ -693,6 +844,41 @@ fn add_shadowstorage(
         preallocate,
     } = spec;
     let chunk = u32::try_from(chunk_size).context("chunk size too large")?;
+    // The same bounds `resize` enforces, checked before any file is made.
+    if maxsize < chunk_size {
+        bail!(
+            "maximum {maxsize} must lie between one chunk ({chunk_size}) and the capacity; nothing was changed"
+        );
+    }
+    if let Some(grow) = policy.grow_max
+        && grow < maxsize
+    {
+        bail!("grow limit {grow} must be at least the maximum {maxsize}; nothing was changed");
+    }
+    // The image must not be a file of another volume (its diff area, its
+    // binding, or a link to its image): pairing it would let writes to one
+    // corrupt the other. The new diff area must not land on any volume's
+    // file either.
+    if let Some(o) = guard::owner(img, &[])
+        && !guard::same_file(
+            &storage::binding_path(&o.volume),
+            &storage::binding_path(img),
+        )
+    {
+        bail!(
+            "refusing to add shadow storage for {}: it is the {} of volume {}; nothing was changed",
+            img.display(),
+            o.kind,
+            o.volume.display()
+        );
+    }
+    if guard::same_file(img, diff) {
+        bail!(
+            "refusing to put shadow storage for {} on the image itself; nothing was changed",
+            img.display()
+        );
+    }
+    guard::refuse_volume_file(diff, &[img.to_path_buf()], "new shadow storage")?;
     if storage::binding_path(img).exists() {
         bail!(
             "{} already has shadow storage ({}); delete that file to start over",
@@ -755,16 +941,29 @@ fn list_shadowstorage(volume: Option<PathBuf>, json: bool) -> Result<()> {
         volume: PathBuf,
         shadow_storage: PathBuf,
         usage: volshadow_cow::Usage,
+        /// Shadow copies the delete-oldest policy removed since `serve`
+        /// opened the volume (0 without a server: nothing is counted
+        /// across commands).
+        auto_deleted: u64,
+        /// Whether a running `serve` answered (and `auto_deleted` counts).
+        served: bool,
     }
     let mut rows = Vec::new();
     for img in images {
         let (_, diff) = storage::read_binding(&img)?;
-        let (reply, _) = on_volume(&img, &Request::Usage, &[])?;
-        if let Reply::Usage { usage } = reply {
+        let mut session = Session::new(&img);
+        let (reply, _) = session.call(&Request::Usage, &[])?;
+        if let Reply::Usage {
+            usage,
+            auto_deleted,
+        } = reply
+        {
             rows.push(Row {
                 volume: img,
                 shadow_storage: diff,
                 usage,
+                auto_deleted,
+                served: session.served(),
             });
         }
     }
@@ -780,6 +979,16 @@ fn list_shadowstorage(volume: Option<PathBuf>, json: bool) -> Result<()> {
                 r.shadow_storage.display()
             );
             print!("{}", ops::render_usage(&r.usage));
+            if r.served {
+                println!(
+                    "   Deleted to make room: {} (since `volshadow serve` started)",
+                    r.auto_deleted
+                );
+            } else {
+                println!(
+                    "   Deleted to make room: counted only while `volshadow serve` runs (none is)"
+                );
+            }
         }
     }
     Ok(())
@@ -800,8 +1009,9 @@ fn create_shadows(volumes: &[PathBuf], persistent: bool, json: bool) -> Result<(
                 "a non-persistent shadow copy lives only while `volshadow serve` holds the volume, and none does; use --persistent"
             );
         }
-        let (reply, _) = on_volume(&volumes[0], &req, &[])?;
-        return print_reply(&reply, json);
+        let mut session = Session::new(&volumes[0]);
+        let (reply, _) = session.call(&req, &[])?;
+        return print_reply_with(&reply, json, Some(session.auto_deleted_ids()));
     }
     if !persistent {
         bail!("shadow copy sets of several volumes are persistent");
@@ -839,7 +1049,50 @@ fn create_shadows(volumes: &[PathBuf], persistent: bool, json: bool) -> Result<(
     Ok(())
 }
 
+/// `read`: streams the range to stdout or a file, piece by piece.
+fn read(
+    img: &Path,
+    shadow: Option<&str>,
+    offset: u64,
+    length: u64,
+    output: Option<&Path>,
+) -> Result<()> {
+    let mut session = Session::new(img);
+    match output {
+        Some(p) => {
+            guard::refuse_volume_file(p, &[img.to_path_buf()], "the read's output")?;
+            // Checked before the output is created or truncated, so a bad
+            // range leaves an existing file as it was.
+            let size = session.size()?;
+            if offset.checked_add(length).is_none_or(|end| end > size) {
+                bail!(
+                    "read of {length} bytes at offset {offset} is outside {} ({size} bytes)",
+                    img.display()
+                );
+            }
+            let f = std::fs::File::create(p).with_context(|| format!("writing {}", p.display()))?;
+            let mut w = std::io::BufWriter::new(f);
+            let done = session
+                .read_to(shadow, offset, length, &mut w)
+                .and_then(|()| {
+                    Ok(w.into_inner()
+                        .map_err(std::io::IntoInnerError::into_error)?
+                        .sync_all()?)
+                });
+            if let Err(e) = done {
+                // A cut-short file could pass for the data (a damaged chunk
+                // fails a read part way): leave none.
+                let _ = std::fs::remove_file(p);
+                return Err(e.context(format!("reading into {} (removed)", p.display())));
+            }
+        }
+        None => session.read_to(shadow, offset, length, &mut std::io::stdout().lock())?,
+    }
+    Ok(())
+}
+
 fn export(img: &Path, shadow: &str, output: &Path, since: Option<&str>, json: bool) -> Result<()> {
+    guard::refuse_volume_file(output, &[img.to_path_buf()], "the export")?;
     let vol = storage::open_volume(img)?;
     let id = ops::resolve(&vol, shadow)?;
     let view = vol.snapshot(id)?;
@@ -884,21 +1137,36 @@ fn export(img: &Path, shadow: &str, output: &Path, since: Option<&str>, json: bo
     let bar = progress(total, "exporting");
     let mut buf = vec![0u8; 1 << 20];
     let mut written = 0u64;
-    for (off, elen) in extents {
-        let mut at = off;
-        while at < off + elen {
-            let n = (off + elen - at).min(buf.len() as u64) as usize;
-            view.read_at(&mut buf[..n], at)?;
-            // A full export skips zero runs: the output stays sparse.
-            if since.is_some() || buf[..n].iter().any(|&b| b != 0) {
-                write_at(&out, &buf[..n], at)?;
-                written += n as u64;
+    let copied = (|| -> Result<()> {
+        for &(off, elen) in &extents {
+            let mut at = off;
+            while at < off + elen {
+                let n = (off + elen - at).min(buf.len() as u64) as usize;
+                view.read_at(&mut buf[..n], at)?;
+                // A full export skips zero runs: the output stays sparse.
+                if since.is_some() || buf[..n].iter().any(|&b| b != 0) {
+                    write_at(&out, &buf[..n], at)?;
+                    written += n as u64;
+                }
+                at += n as u64;
+                bar.inc(n as u64);
             }
-            at += n as u64;
-            bar.inc(n as u64);
         }
+        Ok(out.sync_all()?)
+    })();
+    if let Err(e) = copied {
+        bar.finish_and_clear();
+        if since.is_none() {
+            // A full export cut short (a damaged chunk, a full disk) could
+            // pass for the shadow copy: leave none.
+            let _ = std::fs::remove_file(output);
+            return Err(e.context(format!("exporting to {} (removed)", output.display())));
+        }
+        return Err(e.context(format!(
+            "exporting to {}: the incremental export stopped part way; the file is not a consistent image",
+            output.display()
+        )));
     }
-    out.sync_all()?;
     bar.finish_and_clear();
     if json {
         println!(
@@ -933,9 +1201,34 @@ fn write_at(f: &std::fs::File, mut buf: &[u8], mut off: u64) -> std::io::Result<
     Ok(())
 }
 
+/// Deletions by NBD writes are logged within this long.
+const REPORT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn serve(img: &Path, socket: Option<PathBuf>, listen: Option<String>) -> Result<()> {
+    #[cfg(unix)]
+    if let Some(path) = &socket {
+        // The stale socket is removed before binding: never remove
+        // anything else.
+        guard::refuse_volume_file(path, &[img.to_path_buf()], "the NBD socket")?;
+        use std::os::unix::fs::FileTypeExt;
+        if let Ok(m) = std::fs::symlink_metadata(path)
+            && !m.file_type().is_socket()
+        {
+            bail!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
+        }
+    }
     let vol = storage::open_volume(img)?;
-    control::serve(&storage::control_path(img), vol.clone())?;
+    let reporter = Arc::new(report::Reporter::new(vol.clone()));
+    control::serve(&storage::control_path(img), reporter.clone())?;
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(REPORT_EVERY);
+            reporter.drain();
+        }
+    });
     let exports: Arc<dyn volshadow_nbd::Exports> = Arc::new(exports::VolumeExports::new(vol));
     let stop = Arc::new(AtomicBool::new(false));
     #[cfg(unix)]
@@ -965,4 +1258,76 @@ fn serve(img: &Path, socket: Option<PathBuf>, listen: Option<String>) -> Result<
     );
     volshadow_nbd::serve_tcp(listener, exports, stop);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every option, positional and subcommand of the tree says what it is.
+    #[test]
+    fn every_option_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let p = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(p.clone());
+                }
+                walk(sub, &p, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "volshadow", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:?}");
+    }
+
+    #[test]
+    fn causes_are_printed_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let text = io.to_string();
+        let block = volshadow_block::Error::Path {
+            path: "x.img".into(),
+            op: volshadow_block::Op::Open,
+            source: io,
+        };
+        let e = anyhow::Error::from(block).context("opening x.img");
+        let line = one_line(&e);
+        assert_eq!(line.matches(&text).count(), 1, "{line}");
+        assert!(
+            line.starts_with("opening x.img: cannot open x.img"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn a_prefix_the_source_repeats_is_printed_once() {
+        #[derive(Debug)]
+        struct Damaged;
+        impl std::fmt::Display for Damaged {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("snapshot 3f2a: chunk 3 at offset 49152 is damaged")
+            }
+        }
+        impl std::error::Error for Damaged {}
+        let layer = volshadow_block::Error::Layer {
+            device: "snapshot 3f2a".into(),
+            kind: std::io::ErrorKind::InvalidData,
+            source: Box::new(Damaged),
+        };
+        let e = anyhow::Error::from(layer).context("reading into out.raw");
+        assert_eq!(
+            one_line(&e),
+            "reading into out.raw: snapshot 3f2a: chunk 3 at offset 49152 is damaged"
+        );
+    }
 }

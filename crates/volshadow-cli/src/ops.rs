@@ -3,7 +3,7 @@
 
 use std::time::UNIX_EPOCH;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use volshadow_block::BlockDevice;
@@ -12,9 +12,27 @@ use volshadow_cow::{
     attributes,
 };
 
+/// Bytes the command line moves per request when reading or writing: big
+/// enough to keep the disk busy, small enough to keep memory flat.
+pub const PIECE: u64 = 1 << 20;
+/// Most bytes one request may read or write (in-process or over the
+/// control socket): a client-supplied length is checked against this
+/// before anything is allocated for it.
+pub const MAX_PIECE: u64 = 4 << 20;
+
+/// The outcome of one request, with the shadow copies the delete-oldest
+/// policy removed while it ran (told also when the request failed).
+#[derive(Debug)]
+pub struct Answer {
+    pub result: Result<(Reply, Vec<u8>)>,
+    pub auto_deleted: Vec<ShadowRow>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
+    /// The volume's size in bytes (to check a range before streaming it).
+    Size,
     CreateShadow {
         persistent: bool,
     },
@@ -89,14 +107,36 @@ impl From<&SnapshotInfo> for ShadowRow {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Reply {
-    Shadows { shadows: Vec<ShadowRow> },
-    Created { shadow: ShadowRow },
-    Deleted { ids: Vec<Uuid> },
-    Extents { extents: Vec<Extent>, bytes: u64 },
-    Data { length: u64 },
+    Shadows {
+        shadows: Vec<ShadowRow>,
+    },
+    Created {
+        shadow: ShadowRow,
+    },
+    Deleted {
+        ids: Vec<Uuid>,
+    },
+    Extents {
+        extents: Vec<Extent>,
+        bytes: u64,
+    },
+    Data {
+        length: u64,
+    },
     Done,
-    Verify { report: VerifyReport },
-    Usage { usage: Usage },
+    Verify {
+        report: VerifyReport,
+    },
+    Usage {
+        usage: Usage,
+        /// Shadow copies the delete-oldest policy removed since the volume
+        /// was opened by the process answering (`serve`, or this command).
+        #[serde(default)]
+        auto_deleted: u64,
+    },
+    Size {
+        bytes: u64,
+    },
 }
 
 /// Resolves a full id or a unique prefix among the live snapshots.
@@ -125,6 +165,7 @@ pub fn resolve(vol: &Volume, id: &str) -> Result<Uuid> {
 /// returned bytes are the output of reads.
 pub fn execute(vol: &Volume, req: &Request, payload: &[u8]) -> Result<(Reply, Vec<u8>)> {
     Ok(match req {
+        Request::Size => (Reply::Size { bytes: vol.len() }, Vec::new()),
         Request::CreateShadow { persistent } => {
             let info = vol.create_snapshot(SnapshotOptions {
                 persistent: *persistent,
@@ -184,8 +225,12 @@ pub fn execute(vol: &Volume, req: &Request, payload: &[u8]) -> Result<(Reply, Ve
             offset,
             length,
         } => {
-            let len = usize::try_from(*length).map_err(|_| anyhow!("length {length} too large"))?;
-            let mut buf = vec![0u8; len];
+            if *length > MAX_PIECE {
+                bail!(
+                    "a read of {length} bytes in one request is more than the limit of {MAX_PIECE}; read in pieces"
+                );
+            }
+            let mut buf = vec![0u8; *length as usize];
             match shadow {
                 Some(id) => vol
                     .snapshot(resolve(vol, id)?)?
@@ -195,18 +240,25 @@ pub fn execute(vol: &Volume, req: &Request, payload: &[u8]) -> Result<(Reply, Ve
             (Reply::Data { length: *length }, buf)
         }
         Request::Write { offset, length } => {
+            if *length > MAX_PIECE {
+                bail!(
+                    "a write of {length} bytes in one request is more than the limit of {MAX_PIECE}; write in pieces"
+                );
+            }
             if payload.len() as u64 != *length {
                 bail!(
                     "write of {length} bytes got {} bytes of data",
                     payload.len()
                 );
             }
-            vol.write_at(payload, *offset)?;
+            vol.write_at(payload, *offset)
+                .map_err(|e| write_error(e, *offset, *length))?;
             vol.flush()?;
             (Reply::Done, Vec::new())
         }
         Request::Revert { shadow } => {
-            vol.revert(resolve(vol, shadow)?)?;
+            let id = resolve(vol, shadow)?;
+            vol.revert(id).map_err(|e| revert_error(e, id))?;
             (Reply::Done, Vec::new())
         }
         Request::Verify => (
@@ -215,14 +267,59 @@ pub fn execute(vol: &Volume, req: &Request, payload: &[u8]) -> Result<(Reply, Ve
             },
             Vec::new(),
         ),
-        Request::Usage => (Reply::Usage { usage: vol.usage() }, Vec::new()),
+        Request::Usage => (
+            Reply::Usage {
+                usage: vol.usage(),
+                auto_deleted: vol.auto_deleted_count(),
+            },
+            Vec::new(),
+        ),
         Request::Resize { max_bytes, policy } => (
             Reply::Usage {
                 usage: vol.resize(*max_bytes, *policy)?,
+                auto_deleted: vol.auto_deleted_count(),
             },
             Vec::new(),
         ),
     })
+}
+
+/// `used` and `max` of the engine's "diff area is full" anywhere in `e`'s
+/// chain (the block layer wraps the engine's errors).
+fn diff_area_full(e: &(dyn std::error::Error + 'static)) -> Option<(u64, u64)> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(volshadow_cow::Error::DiffAreaFull { used, max }) =
+            err.downcast_ref::<volshadow_cow::Error>()
+        {
+            return Some((*used, *max));
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// A write the command line sends may be one piece of a longer one, so
+/// "nothing changed" is said of this piece only; the caller tells what
+/// earlier pieces did.
+fn write_error(e: volshadow_block::Error, offset: u64, length: u64) -> anyhow::Error {
+    match diff_area_full(&e) {
+        Some((used, max)) => anyhow::anyhow!(
+            "shadow storage is full ({used} of {max} bytes used); the write of {length} bytes at offset {offset} was refused and did not change the volume"
+        ),
+        None => e.into(),
+    }
+}
+
+/// The engine's "diff area is full" speaks of a refused write; a refused
+/// revert is not a write the user made, so it gets its own words.
+fn revert_error(e: volshadow_cow::Error, id: Uuid) -> anyhow::Error {
+    match diff_area_full(&e) {
+        Some((used, max)) => anyhow::anyhow!(
+            "cannot revert to shadow copy {id}: the shadow storage has too little room left to preserve what the revert overwrites ({used} of {max} bytes used); nothing was changed (raise the limit with `resize shadowstorage` or delete shadow copies)"
+        ),
+        None => e.into(),
+    }
 }
 
 pub fn human_size(n: u64) -> String {
@@ -240,7 +337,7 @@ pub fn human_size(n: u64) -> String {
     }
 }
 
-fn time(secs: f64) -> String {
+pub(crate) fn time(secs: f64) -> String {
     // UTC, without a date crate: days since the epoch to a civil date.
     let s = secs as i64;
     let (days, rem) = (s.div_euclid(86_400), s.rem_euclid(86_400));
@@ -298,6 +395,7 @@ pub fn render(reply: &Reply) -> String {
             out
         }
         Reply::Data { .. } | Reply::Done => String::new(),
+        Reply::Size { bytes } => format!("{bytes}\n"),
         Reply::Verify { report } => {
             let mut out = if report.mismatches.is_empty() {
                 format!(
@@ -317,6 +415,12 @@ pub fn render(reply: &Reply) -> String {
                     report.unhashed
                 );
             }
+            if !report.problems.is_empty() {
+                out += &format!("{} other problem(s):\n", report.problems.len());
+                for p in &report.problems {
+                    out += &format!("  {p}\n");
+                }
+            }
             for m in &report.mismatches {
                 let ids: Vec<String> = m.snapshots.iter().map(Uuid::to_string).collect();
                 out += &format!(
@@ -328,7 +432,7 @@ pub fn render(reply: &Reply) -> String {
             }
             out
         }
-        Reply::Usage { usage } => render_usage(usage),
+        Reply::Usage { usage, .. } => render_usage(usage),
     }
 }
 

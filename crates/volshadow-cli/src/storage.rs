@@ -100,7 +100,9 @@ pub fn open_volume(img: &Path) -> Result<Volume> {
     Ok(vol)
 }
 
-/// Parses sizes like `64M`, `16K`, `1G`, `2T` or plain bytes.
+/// Parses sizes like `64M`, `16K`, `1G`, `2T` or plain bytes; `0` and
+/// `0K` are both zero (callers that need a positive size use
+/// [`parse_positive_size`]). Never panics: overflow is an error.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
@@ -120,12 +122,22 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         }
         _ => (s, 1),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 64M)"))?;
-    n.checked_mul(mult)
-        .filter(|&v| v > 0)
-        .ok_or_else(|| format!("size {s:?} is zero or too large"))
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{s:?} is not a size (e.g. 64M)"));
+    }
+    // All digits: a parse failure can only be overflow.
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("size {s:?} is too large (at most {} bytes)", u64::MAX))
+}
+
+/// [`parse_size`] for sizes that must not be zero.
+pub fn parse_positive_size(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err(format!("size {:?} must be more than zero", s.trim())),
+        n => Ok(n),
+    }
 }
 
 #[cfg(test)]
@@ -138,9 +150,22 @@ mod tests {
         assert_eq!(parse_size("16k"), Ok(16 << 10));
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("2T"), Ok(2 << 40));
-        assert!(parse_size("0").is_err());
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("0K"), Ok(0));
+        assert!(parse_positive_size("0K").is_err());
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("M").is_err());
-        assert!(parse_size("99999999999T").is_err());
+        assert!(parse_size("-1K").is_err());
+        assert!(parse_size("+1").is_err());
+        assert!(
+            parse_size("99999999999T")
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert!(
+            parse_size("99999999999999999999999K")
+                .unwrap_err()
+                .contains("too large")
+        );
     }
 }

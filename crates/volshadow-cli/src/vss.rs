@@ -91,6 +91,12 @@ struct WriterSection {
     commands: HashMap<String, Vec<String>>,
 }
 
+/// Longest timeout a configuration may give: longer is a typo, and
+/// deadlines computed from it must not overflow.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses `500ms`, `60s`, `2m`, `1h` (a bare number is seconds), at most
+/// a day. Never panics: overflow and nonsense are errors.
 pub fn parse_duration(s: &str) -> Result<Duration> {
     let s = s.trim();
     let (num, unit) = s
@@ -98,14 +104,20 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
         .map_or((s, "s"), |i| (&s[..i], &s[i..]));
     let n: f64 = num
         .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite())
         .with_context(|| format!("{s:?} is not a duration (e.g. 60s)"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
-        _ => bail!("unknown duration unit {unit:?} in {s:?} (use ms, s, m)"),
+        "h" => n * 3600.0,
+        _ => bail!("unknown duration unit {unit:?} in {s:?} (use ms, s, m, h)"),
     };
-    Ok(Duration::from_secs_f64(secs))
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if d <= MAX_DURATION => Ok(d),
+        _ => bail!("duration {s:?} is too long (at most 24h)"),
+    }
 }
 
 /// The configuration, with paths resolved against its directory.
@@ -147,7 +159,8 @@ impl Loaded {
                 .timeout
                 .as_deref()
                 .map(parse_duration)
-                .transpose()?
+                .transpose()
+                .with_context(|| format!("writer {}: timeout", w.name))?
                 .unwrap_or(Duration::from_secs(60));
             let components = w
                 .component
@@ -209,10 +222,10 @@ impl Loaded {
             c.add_writer(w);
         }
         if let Some(t) = &self.config.backup.freeze_timeout {
-            c.timeouts.freeze = parse_duration(t)?;
+            c.timeouts.freeze = parse_duration(t).context("[backup] freeze_timeout")?;
         }
         if let Some(t) = &self.config.backup.hold_timeout {
-            c.timeouts.hold = parse_duration(t)?;
+            c.timeouts.hold = parse_duration(t).context("[backup] hold_timeout")?;
         }
         Ok(Arc::new(c))
     }
@@ -224,6 +237,16 @@ pub fn backup(config: &Path) -> Result<BackupDocument> {
     if l.config.volume.is_empty() {
         bail!("{}: no [[volume]] to back up", config.display());
     }
+    // Refused before any writer freezes: the document must not land on a
+    // volume's own files.
+    let out = l.resolve(
+        l.config
+            .backup
+            .document
+            .as_deref()
+            .unwrap_or(Path::new("backup.json")),
+    );
+    crate::guard::refuse_volume_file(&out, &l.volumes(), "the backup document")?;
     let c = l.coordinator(true)?;
     let previous = match &l.config.backup.previous {
         Some(p) => {
@@ -257,13 +280,6 @@ pub fn backup(config: &Path) -> Result<BackupDocument> {
         }
     }
     let doc = s.backup_complete()?;
-    let out = l.resolve(
-        l.config
-            .backup
-            .document
-            .as_deref()
-            .unwrap_or(Path::new("backup.json")),
-    );
     std::fs::write(&out, doc.to_json() + "\n")
         .with_context(|| format!("writing {}", out.display()))?;
     println!(
@@ -370,4 +386,32 @@ pub fn list_providers(json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("60s").ok(), Some(Duration::from_secs(60)));
+        assert_eq!(
+            parse_duration("500ms").ok(),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(parse_duration("2m").ok(), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0s").ok(), Some(Duration::ZERO));
+        for bad in [
+            "99999999999999999999999s",
+            "25h",
+            "1e400s",
+            "",
+            "s",
+            "1x",
+            "-1s",
+            "NaNs",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 }
