@@ -21,8 +21,10 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use volshadow_block::{BlockDevice, FileImage};
-use volshadow_cow::{FullPolicy, SnapshotOptions, SnapshotSet, Target, Volume, VolumeOptions};
+use volshadow_block::{BlockDevice, FileImage, OpenOptions as BlockOpenOptions, open_device};
+use volshadow_cow::{
+    FullPolicy, OpenMode, SnapshotOptions, SnapshotSet, Target, Volume, VolumeOptions,
+};
 
 pub use ops::{Reply, Request, ShadowRow, Which};
 use session::Session;
@@ -138,6 +140,11 @@ enum Command {
         /// existing export of it.
         #[arg(long)]
         since: Option<String>,
+        /// Rescue what is intact from damaged shadow storage: open it
+        /// read-only in salvage mode, write every chunk it can vouch for,
+        /// leave the rest as zeros and list them (exit status 1).
+        #[arg(long, conflicts_with = "since")]
+        salvage: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -159,9 +166,28 @@ enum Command {
         /// The volume's image.
         #[arg(long = "for", value_name = "IMG")]
         volume: PathBuf,
+        /// Check damaged shadow storage read-only (salvage mode) instead
+        /// of refusing to open it: reports what salvage can and cannot
+        /// vouch for.
+        #[arg(long)]
+        salvage: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Pair an image with its shadow storage again after both were copied
+    /// (or moved to another file system): the shadow storage records which
+    /// file its image is and refuses any other, so that two images of one
+    /// size are never mixed up. Only do this for a pair that belongs
+    /// together.
+    Rebind {
+        /// The volume's image.
+        #[arg(long = "for", value_name = "IMG")]
+        volume: PathBuf,
+        /// The shadow storage, when it moved away from where the image's
+        /// binding says it is.
+        #[arg(long, value_name = "DIFF")]
+        on: Option<PathBuf>,
     },
     /// Serve the live volume and its shadow copies over NBD.
     Serve {
@@ -693,8 +719,47 @@ fn run(cmd: Command) -> Result<()> {
             shadow,
             output,
             since,
+            salvage,
             json,
-        } => export(&volume, &shadow, &output, since.as_deref(), json),
+        } => {
+            if salvage {
+                export_salvage(&volume, &shadow, &output, json)
+            } else {
+                export(&volume, &shadow, &output, since.as_deref(), json)
+            }
+        }
+        Command::Rebind { volume, on } => {
+            let vol = match &on {
+                Some(diff) => {
+                    if guard::same_file(diff, &volume) {
+                        bail!(
+                            "{} is the image itself, not its shadow storage; nothing was changed",
+                            diff.display()
+                        );
+                    }
+                    let origin: Arc<dyn BlockDevice> =
+                        Arc::from(open_device(&volume, &BlockOpenOptions::new())?);
+                    let d: Arc<dyn BlockDevice> = Arc::new(
+                        FileImage::open(diff)
+                            .with_context(|| format!("opening {}", diff.display()))?,
+                    );
+                    let vol = Volume::open_with(origin, d, OpenMode::Rebind)?;
+                    storage::write_binding(&volume, diff, vol.id())?;
+                    vol
+                }
+                None => storage::open_volume_with(&volume, OpenMode::Rebind)?,
+            };
+            drop(vol);
+            // A normal open now records the generation and checks the pair.
+            let vol = storage::open_volume(&volume)?;
+            println!(
+                "{} and its shadow storage are paired again (volume {}, {} shadow copies).",
+                volume.display(),
+                vol.id(),
+                vol.snapshots().len()
+            );
+            Ok(())
+        }
         Command::Revert {
             volume,
             shadow,
@@ -714,12 +779,25 @@ fn run(cmd: Command) -> Result<()> {
                 Ok(())
             }
         }
-        Command::Verify { volume, json } => {
-            let reply = match control::call(&storage::control_path(&volume), &Request::Verify, &[])?
-            {
+        Command::Verify {
+            volume,
+            salvage,
+            json,
+        } => {
+            let served = if salvage {
+                None
+            } else {
+                control::call(&storage::control_path(&volume), &Request::Verify, &[])?
+            };
+            let reply = match served {
                 Some(answer) => answer.result?.0,
                 None => {
-                    let vol = storage::open_volume(&volume)?;
+                    let mode = if salvage {
+                        OpenMode::Salvage
+                    } else {
+                        OpenMode::Normal
+                    };
+                    let vol = storage::open_volume_with(&volume, mode)?;
                     let bar = progress(0, "verifying");
                     let report = vol.verify_with_progress(|done, total| {
                         bar.set_length(total);
@@ -886,8 +964,7 @@ fn add_shadowstorage(
             storage::binding_path(img).display()
         );
     }
-    let origin: Arc<dyn BlockDevice> =
-        Arc::from(volshadow_block::open_device(img, &Default::default())?);
+    let origin: Arc<dyn BlockDevice> = Arc::from(open_device(img, &Default::default())?);
     // Room for max(maxsize, origin) of copies, so the limit can later be
     // raised that far. The file is sparse: unused room costs nothing.
     let size = Volume::diff_area_len_for(maxsize.max(origin.len()), chunk);
@@ -1022,8 +1099,20 @@ fn create_shadows(volumes: &[PathBuf], persistent: bool, json: bool) -> Result<(
         .map(|v| storage::open_volume(v).with_context(|| format!("opening {}", v.display())))
         .collect::<Result<_>>()?;
     let refs: Vec<&Volume> = vols.iter().collect();
-    let set = SnapshotSet::create(
+    // Each member records where the others are, so one reopened after a
+    // crash can ask the first whether the set committed.
+    let locators: Vec<String> = volumes
+        .iter()
+        .map(|v| {
+            std::fs::canonicalize(v)
+                .unwrap_or_else(|_| v.clone())
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let set = SnapshotSet::create_located(
         &refs,
+        &locators,
         SnapshotOptions {
             persistent: true,
             attributes: volshadow_cow::attributes::CLIENT_ACCESSIBLE,
@@ -1179,6 +1268,95 @@ fn export(img: &Path, shadow: &str, output: &Path, since: Option<&str>, json: bo
             output.display(),
             ops::human_size(written),
             if since.is_some() { ", incremental" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+/// `export --salvage`: every chunk salvage can vouch for, the rest zeros
+/// and listed. Reads go a megabyte at a time, chunk by chunk where one
+/// fails, so one damaged chunk costs only itself.
+fn export_salvage(img: &Path, shadow: &str, output: &Path, json: bool) -> Result<()> {
+    guard::refuse_volume_file(output, &[img.to_path_buf()], "the export")?;
+    let vol = storage::open_volume_with(img, OpenMode::Salvage)?;
+    for n in vol.recovery_notes() {
+        eprintln!("volshadow: salvage: {n}");
+    }
+    let id = ops::resolve(&vol, shadow)?;
+    let view = vol.snapshot(id)?;
+    let len = view.len();
+    let chunk = u64::from(vol.chunk_size());
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(output)
+        .with_context(|| format!("opening {}", output.display()))?;
+    out.set_len(len)?;
+    let bar = progress(len, "salvaging");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut lost: Vec<(u64, u64)> = Vec::new();
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        let pieces: Vec<(u64, usize)> = if view.read_at(&mut buf[..n], at).is_ok() {
+            vec![(at, n)]
+        } else {
+            let mut ok = Vec::new();
+            let mut c = at;
+            while c < at + n as u64 {
+                let m = (at + n as u64 - c).min(chunk) as usize;
+                let k = (c - at) as usize;
+                if view.read_at(&mut buf[k..k + m], c).is_ok() {
+                    ok.push((c, m));
+                } else {
+                    match lost.last_mut() {
+                        Some(l) if l.0 + l.1 == c => l.1 += m as u64,
+                        _ => lost.push((c, m as u64)),
+                    }
+                }
+                c += m as u64;
+            }
+            ok
+        };
+        for (off, m) in pieces {
+            let k = (off - at) as usize;
+            if buf[k..k + m].iter().any(|&b| b != 0) {
+                write_at(&out, &buf[k..k + m], off)?;
+            }
+        }
+        at += n as u64;
+        bar.inc(n as u64);
+    }
+    out.sync_all()?;
+    bar.finish_and_clear();
+    let lost_bytes: u64 = lost.iter().map(|l| l.1).sum();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"shadow": id, "output": output, "salvage": true,
+                "lost": lost.iter().map(|l| serde_json::json!({"offset": l.0, "len": l.1})).collect::<Vec<_>>(),
+                "lost_bytes": lost_bytes})
+        );
+    } else {
+        println!(
+            "Salvaged shadow copy {id} to {}: {} could not be vouched for.",
+            output.display(),
+            ops::human_size(lost_bytes)
+        );
+        for (off, l) in lost.iter().take(20) {
+            println!("  lost: offset {off}, {l} bytes (zeros in the output)");
+        }
+        if lost.len() > 20 {
+            println!("  … and {} more ranges", lost.len() - 20);
+        }
+    }
+    if !lost.is_empty() {
+        bail!(
+            "{} range(s), {} bytes, of shadow copy {id} could not be vouched for; they are zeros in {}",
+            lost.len(),
+            lost_bytes,
+            output.display()
         );
     }
     Ok(())

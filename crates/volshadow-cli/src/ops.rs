@@ -49,10 +49,13 @@ pub enum Request {
         offset: u64,
         length: u64,
     },
+    /// One piece of a write; durable only after a `Flush`.
     Write {
         offset: u64,
         length: u64,
     },
+    /// Makes every write before it durable.
+    Flush,
     Revert {
         shadow: String,
     },
@@ -253,6 +256,9 @@ pub fn execute(vol: &Volume, req: &Request, payload: &[u8]) -> Result<(Reply, Ve
             }
             vol.write_at(payload, *offset)
                 .map_err(|e| write_error(e, *offset, *length))?;
+            (Reply::Done, Vec::new())
+        }
+        Request::Flush => {
             vol.flush()?;
             (Reply::Done, Vec::new())
         }

@@ -106,15 +106,16 @@ impl Session {
         Ok(())
     }
 
-    /// Writes everything `input` yields at `offset`, one piece at a time;
-    /// returns the bytes written. A piece that fails stops the write and
-    /// the error says how much went in before it.
+    /// Writes everything `input` yields at `offset`, one piece at a time,
+    /// then flushes once; returns the bytes written. A piece that fails
+    /// stops the write and the error says how much went in before it.
     pub fn write_from(&mut self, offset: u64, input: &mut dyn Read) -> Result<u64> {
         let mut buf = vec![0u8; ops::PIECE as usize];
         let mut done = 0u64;
         loop {
             let n = fill(input, &mut buf).context("reading the input")?;
             if n == 0 {
+                self.call(&Request::Flush, &[])?;
                 return Ok(done);
             }
             let at = offset

@@ -1,6 +1,9 @@
 //! Where a volume's shadow storage is: a small JSON file beside the image,
 //! `IMG.vshadow`, naming the diff area relative to itself (so moving both
-//! files together keeps them paired) and the volume id recorded in it.
+//! files together keeps them paired), the volume id recorded in it, and
+//! the diff area's generation when it was last opened (an older copy of
+//! the diff area put back is refused: its shadow copies would read chunks
+//! overwritten since).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,7 +12,10 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use volshadow_block::{BlockDevice, FileImage, OpenOptions, open_device};
-use volshadow_cow::Volume;
+use volshadow_cow::{OpenMode, SnapshotSet, Volume};
+
+use crate::control;
+use crate::ops::{Reply, Request};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Binding {
@@ -17,6 +23,9 @@ pub struct Binding {
     /// The diff area, relative to the binding file's directory.
     pub diff: PathBuf,
     pub volume_id: Uuid,
+    /// The diff area's superblock generation after its last open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 /// `IMG.vshadow`.
@@ -70,25 +79,62 @@ pub fn write_binding(img: &Path, diff: &Path, volume_id: Uuid) -> Result<()> {
         .strip_prefix(&dir_abs)
         .map(Path::to_path_buf)
         .unwrap_or(diff_abs);
-    let b = Binding {
-        version: 1,
-        diff: rel,
-        volume_id,
-    };
-    std::fs::write(&path, serde_json::to_string_pretty(&b)? + "\n")
+    save_binding(
+        img,
+        &Binding {
+            version: 1,
+            diff: rel,
+            volume_id,
+            generation: None,
+        },
+    )
+}
+
+/// Writes the binding through a temporary file and a rename, so a crash
+/// leaves the old one or the new one, never half of either.
+fn save_binding(img: &Path, b: &Binding) -> Result<()> {
+    let path = binding_path(img);
+    let mut tmp = path.clone().into_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, serde_json::to_string_pretty(b)? + "\n")
+        .and_then(|()| std::fs::rename(&tmp, &path))
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Opens the origin and its diff area (running recovery).
 pub fn open_volume(img: &Path) -> Result<Volume> {
-    let (binding, diff_path) = read_binding(img)?;
+    open_volume_with(img, OpenMode::Normal)
+}
+
+/// Opens with `mode`. A normal open refuses a diff area older than the
+/// one this image last used, records the generation it leaves, and
+/// settles shadow copies of sets a crash left in doubt.
+pub fn open_volume_with(img: &Path, mode: OpenMode) -> Result<Volume> {
+    open_inner(img, mode, true)
+}
+
+fn open_inner(img: &Path, mode: OpenMode, resolve: bool) -> Result<Volume> {
+    let (mut binding, diff_path) = read_binding(img)?;
     let origin: Arc<dyn BlockDevice> = Arc::from(open_device(img, &OpenOptions::new())?);
     let diff: Arc<dyn BlockDevice> = Arc::new(
         FileImage::open(&diff_path)
             .with_context(|| format!("opening shadow storage {}", diff_path.display()))?,
     );
-    let vol = Volume::open(origin, diff)?;
-    if vol.id() != binding.volume_id {
+    if mode == OpenMode::Normal
+        && let Some(last) = binding.generation
+        && let Ok(now) = Volume::peek_generation(&*diff)
+        && now < last
+    {
+        bail!(
+            "shadow storage {} is older than the one {} last used (generation {now} < {last}): an older copy of the file was put back, and its shadow copies could read data written since; if that is what you want, run `volshadow rebind --for {}`",
+            diff_path.display(),
+            img.display(),
+            img.display()
+        );
+    }
+    let vol = Volume::open_with(origin, diff, mode)?;
+    if vol.id() != binding.volume_id && mode != OpenMode::Rebind {
         bail!(
             "{} holds volume {}, but {} expects {}",
             diff_path.display(),
@@ -97,7 +143,72 @@ pub fn open_volume(img: &Path) -> Result<Volume> {
             binding.volume_id
         );
     }
+    if mode != OpenMode::Salvage {
+        binding.volume_id = vol.id();
+        binding.generation = Some(vol.generation());
+        if let Err(e) = save_binding(img, &binding) {
+            tracing::warn!(error = %e, "could not record the diff area's generation");
+        }
+        if resolve {
+            resolve_in_doubt(img, &vol)?;
+        }
+    }
     Ok(vol)
+}
+
+/// Settles each shadow copy of `vol` whose set's creation a crash cut:
+/// its decider (the set's first volume, found by the image path recorded
+/// with the set) has its shadow copy of the set exactly when the set
+/// committed. One line per settled copy; one that cannot be settled stays
+/// hidden, with a line saying why.
+fn resolve_in_doubt(img: &Path, vol: &Volume) -> Result<()> {
+    for d in vol.in_doubt_sets() {
+        let Some((decider_id, locator)) = d.members.first() else {
+            continue;
+        };
+        let decider = Path::new(locator);
+        let outcome = (|| -> Result<bool> {
+            if let Some(answer) = control::call(&control_path(decider), &Request::ListShadows, &[])?
+            {
+                return match answer.result?.0 {
+                    Reply::Shadows { shadows } => {
+                        Ok(shadows.iter().any(|s| s.set_id == Some(d.set_id)))
+                    }
+                    other => bail!("unexpected answer {other:?}"),
+                };
+            }
+            let dv = open_inner(decider, OpenMode::Normal, false)?;
+            if dv.id() != *decider_id {
+                bail!("{} now holds another volume", decider.display());
+            }
+            Ok(SnapshotSet::committed_on(&dv, d.set_id))
+        })();
+        match outcome {
+            Ok(committed) => {
+                vol.resolve_in_doubt(d.set_id, committed)?;
+                eprintln!(
+                    "volshadow: {}: shadow copy {} of set {} (cut by a crash) {}",
+                    img.display(),
+                    d.snapshot.id,
+                    d.set_id,
+                    if committed {
+                        "kept: the set committed"
+                    } else {
+                        "discarded: the set did not commit"
+                    }
+                );
+            }
+            Err(e) => eprintln!(
+                "volshadow: {}: shadow copy {} of set {} (cut by a crash) stays hidden: its first volume {} could not be asked ({})",
+                img.display(),
+                d.snapshot.id,
+                d.set_id,
+                decider.display(),
+                crate::one_line(&e)
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// Parses sizes like `64M`, `16K`, `1G`, `2T` or plain bytes; `0` and

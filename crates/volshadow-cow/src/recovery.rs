@@ -2,10 +2,10 @@
 //! clear error naming what is damaged.
 //!
 //! What is trusted and why:
-//! - The superblock gives the geometry; the journal half holding the
-//!   newest *complete* checkpoint (at or after the superblock's epoch)
-//!   gives the state. A newer half than the superblock names is used when
-//!   its checkpoint is whole (the superblock write was cut or damaged).
+//! - The superblock gives the geometry and names the journal half that
+//!   gives the state. A newer half is used instead when its checkpoint is
+//!   whole and records were appended after it (so the superblock switch
+//!   happened, and that superblock copy was later damaged).
 //! - A record that does not decode ends replay as a torn tail, unless a
 //!   later record's `committed` mark covers it: then it is corruption.
 //! - A copy whose record is not covered by any mark is checked against the
@@ -173,8 +173,9 @@ fn choose_superblock(diff: &dyn BlockDevice) -> Result<(Superblock, Option<Strin
     Ok((best, note))
 }
 
-/// Picks the journal half to replay: the newest complete checkpoint at or
-/// after the superblock's epoch. Returns its superblock view and replay.
+/// Picks the journal half to replay: the superblock's, or a newer one with
+/// a whole checkpoint and records appended after it (its superblock write
+/// was damaged or lost). Returns its superblock view and replay.
 /// A salvage open may fall back to an older half; the flag says so.
 fn choose_half(
     diff: &Arc<dyn BlockDevice>,
@@ -199,7 +200,13 @@ fn choose_half(
             ..best.clone()
         };
         let replay = Journal::open(diff.clone(), sb.clone()).replay()?;
-        if replay.checkpoint_complete() {
+        // A half newer than the superblock says counts only with proof it
+        // was committed: a record appended after its checkpoint (mark
+        // above 0). A checkpoint alone may have reached the media without
+        // the writes its flush was to make durable before the superblock
+        // switched (a crash in between); the older half is then the state.
+        let proven = epoch <= best.epoch || replay.records.iter().any(|(_, c)| *c > 0);
+        if replay.checkpoint_complete() && proven {
             if epoch < best.epoch {
                 notes.push(format!(
                     "salvage: the journal half the superblock names is unreadable; fell back to the older half {half} (epoch {epoch})"

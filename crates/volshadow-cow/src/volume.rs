@@ -505,6 +505,29 @@ impl Volume {
         Ok(vol)
     }
 
+    /// The diff area's superblock generation now. It grows with every
+    /// open and compaction, so a caller that remembers it can tell an
+    /// older copy of the diff area put back in its place (whose snapshots
+    /// would read chunks overwritten since from the origin).
+    pub fn generation(&self) -> u64 {
+        self.inner.state_read().journal.superblock().generation
+    }
+
+    /// The highest generation of a valid superblock copy on `diff`, read
+    /// without opening it.
+    pub fn peek_generation(diff: &dyn BlockDevice) -> Result<u64> {
+        let mut best = None;
+        for copy in 0..2 {
+            if let Ok(sb) = Journal::read_superblock_copy(diff, copy)? {
+                best = best.max(Some(sb.generation));
+            }
+        }
+        best.ok_or_else(|| Error::NotADiffArea {
+            device: diff.name(),
+            reason: "no valid superblock copy".into(),
+        })
+    }
+
     /// True if opened with [`OpenMode::Salvage`]: read-only, and reads it
     /// cannot vouch for fail.
     pub fn is_salvage(&self) -> bool {

@@ -1,0 +1,224 @@
+//! Integrity through the CLI, as a new user would meet it: copied or stale
+//! shadow storage, damaged shadow storage rescued in salvage mode, and
+//! shadow copy sets killed mid-way.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13) ^ seed ^ (i >> 12) as u8)
+        .collect()
+}
+
+fn fails(dir: &Path, args: &[&str]) -> String {
+    let out = vs_raw(dir, args);
+    assert!(!out.status.success(), "volshadow {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn create_shadow(dir: &Path, img: &str) -> String {
+    json(dir, &["create", "shadow", "--for", img, "--json"])["shadow"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn a_copied_pair_is_refused_until_rebound() {
+    let dir = volume("8M");
+    let d = dir.path();
+    write_file(d, "data", &pattern(1 << 20, 1));
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "data",
+        ],
+    );
+    let id = create_shadow(d, "disk.img");
+    write_file(d, "new", &pattern(1 << 20, 2));
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "new",
+        ],
+    );
+    // Another image of the same size handed the first one's binding.
+    vs(d, &["image", "create", "other.img", "--size", "8M"]);
+    std::fs::copy(d.join("disk.img.vshadow"), d.join("other.img.vshadow")).unwrap();
+    let err = fails(d, &["list", "shadows", "--for", "other.img"]);
+    assert!(err.contains("rebind"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    std::fs::remove_file(d.join("other.img.vshadow")).unwrap();
+    // A copied pair: refused, then paired again on request.
+    std::fs::copy(d.join("disk.img"), d.join("copy.img")).unwrap();
+    std::fs::copy(d.join("disk.diff"), d.join("copy.diff")).unwrap();
+    std::fs::copy(d.join("disk.img.vshadow"), d.join("copy.img.vshadow")).unwrap();
+    let err = fails(d, &["list", "shadows", "--for", "copy.img"]);
+    assert!(err.contains("rebind"), "{err}");
+    vs(d, &["rebind", "--for", "copy.img", "--on", "copy.diff"]);
+    assert_eq!(shadow_ids(d, "copy.img"), vec![id.clone()]);
+    vs(
+        d,
+        &[
+            "read", "--for", "copy.img", "--shadow", &id, "--offset", "0", "--length", "1M",
+            "--output", "got",
+        ],
+    );
+    assert!(std::fs::read(d.join("got")).unwrap() == pattern(1 << 20, 1));
+    // The original is untouched by all of it.
+    assert_eq!(shadow_ids(d, "disk.img"), vec![id]);
+}
+
+#[test]
+fn an_older_copy_of_the_shadow_storage_put_back_is_refused() {
+    let dir = volume("8M");
+    let d = dir.path();
+    create_shadow(d, "disk.img");
+    std::fs::copy(d.join("disk.diff"), d.join("old.diff")).unwrap();
+    write_file(d, "new", &pattern(1 << 20, 3));
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "new",
+        ],
+    );
+    create_shadow(d, "disk.img");
+    std::fs::copy(d.join("old.diff"), d.join("disk.diff")).unwrap();
+    let err = fails(d, &["list", "shadows", "--for", "disk.img"]);
+    assert!(err.contains("older"), "{err}");
+    let before = std::fs::read(d.join("disk.diff")).unwrap();
+    assert!(
+        before == std::fs::read(d.join("old.diff")).unwrap(),
+        "refusal changed the file"
+    );
+}
+
+/// The data region of a diff area starts at the superblock's
+/// `data_offset` (byte 104 of either copy).
+fn data_offset(diff: &Path) -> u64 {
+    let b = std::fs::read(diff).unwrap();
+    u64::from_le_bytes(b[104..112].try_into().unwrap())
+}
+
+#[test]
+fn salvage_export_rescues_what_is_intact() {
+    let dir = volume("4M");
+    let d = dir.path();
+    write_file(d, "old", &pattern(4 << 20, 4));
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "old",
+        ],
+    );
+    let id = create_shadow(d, "disk.img");
+    write_file(d, "new", &pattern(256 << 10, 5));
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "new",
+        ],
+    );
+    // Damage the first preserved copy (chunk 0's old bytes).
+    let at = data_offset(&d.join("disk.diff")) + 10;
+    let mut diff = std::fs::read(d.join("disk.diff")).unwrap();
+    diff[at as usize] ^= 0x40;
+    std::fs::write(d.join("disk.diff"), &diff).unwrap();
+    let err = fails(
+        d,
+        &[
+            "export", "--for", "disk.img", "--shadow", &id, "--output", "x.img",
+        ],
+    );
+    assert!(err.contains("damaged"), "{err}");
+    assert!(!d.join("x.img").exists());
+    let err = fails(d, &["verify", "--for", "disk.img"]);
+    assert!(err.contains("damaged"), "{err}");
+    let err = fails(
+        d,
+        &[
+            "export",
+            "--for",
+            "disk.img",
+            "--shadow",
+            &id,
+            "--output",
+            "s.img",
+            "--salvage",
+        ],
+    );
+    assert!(err.contains("could not be vouched for"), "{err}");
+    let got = std::fs::read(d.join("s.img")).unwrap();
+    let want = pattern(4 << 20, 4);
+    let chunk =
+        json(d, &["list", "shadowstorage", "--for", "disk.img", "--json"])[0]["usage"]["chunk_size"]
+            .as_u64()
+            .unwrap() as usize;
+    assert!(
+        got[..chunk].iter().all(|&b| b == 0),
+        "the damaged chunk is zeros"
+    );
+    assert!(got[chunk..] == want[chunk..], "everything else is exact");
+}
+
+#[test]
+fn a_killed_set_create_leaves_the_whole_set_or_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for v in ["a", "b"] {
+        let img = format!("{v}.img");
+        vs(d, &["image", "create", &img, "--size", "16M"]);
+        vs(
+            d,
+            &[
+                "add",
+                "shadowstorage",
+                "--for",
+                &img,
+                "--on",
+                &format!("{v}.diff"),
+                "--maxsize",
+                "64M",
+            ],
+        );
+        write_file(d, "fill", &pattern(16 << 20, 6));
+        vs(
+            d,
+            &["write", "--for", &img, "--offset", "0", "--input", "fill"],
+        );
+    }
+    for round in 0..30u64 {
+        let mut child = Command::new(bin())
+            .args(["create", "shadow", "--for", "a.img", "--for", "b.img"])
+            .current_dir(d)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill points spread over the create (a few ms to tens of ms).
+        std::thread::sleep(Duration::from_micros(round * 7919 % 40_000));
+        let _ = child.kill();
+        let _ = child.wait();
+        let sets = |img: &str| -> Vec<String> {
+            let mut s: Vec<String> =
+                json(d, &["list", "shadows", "--for", img, "--json"])["shadows"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|s| s["set_id"].as_str().map(str::to_string))
+                    .collect();
+            s.sort();
+            s
+        };
+        let (a, b) = (sets("a.img"), sets("b.img"));
+        assert_eq!(a, b, "half a set survived a kill");
+    }
+}
