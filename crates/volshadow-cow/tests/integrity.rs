@@ -413,3 +413,177 @@ fn salvage_writes_nothing() {
         "salvage changed the diff area"
     );
 }
+
+/// What one damaged diff area did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Outcome {
+    /// Opened; every snapshot listed and read exactly.
+    Exact,
+    /// Opened; some reads failed (never wrong), and `verify` says so.
+    ReadsFail,
+    /// Open refused with a clear error.
+    Refused,
+}
+
+/// Damages a copy of the findings' diff area with `damage`, opens it, and
+/// classifies what happened; panics on a wrong byte, a missing or extra
+/// snapshot, or failed reads that `verify` does not report.
+fn outcome(pair: &Pair, snaps: &[(Uuid, Vec<u8>)], damage: impl FnOnce(&Pair)) -> Outcome {
+    let p = pair.copy();
+    damage(&p);
+    let Ok(vol) = p.open() else {
+        return Outcome::Refused;
+    };
+    let mut listed: Vec<Uuid> = vol.snapshots().iter().map(|s| s.id).collect();
+    let mut want: Vec<Uuid> = snaps.iter().map(|s| s.0).collect();
+    listed.sort();
+    want.sort();
+    assert_eq!(listed, want, "the listing changed");
+    let failed: usize = snaps
+        .iter()
+        .map(|(id, bytes)| exact_or_failed(&vol.snapshot(*id).unwrap(), bytes).len())
+        .sum();
+    if failed == 0 {
+        return Outcome::Exact;
+    }
+    assert!(
+        !vol.verify().unwrap().is_clean(),
+        "reads failed, verify clean"
+    );
+    Outcome::ReadsFail
+}
+
+/// Runs the three damages of the corruption matrix on `range` (bit flips
+/// at several places, a zeroed 4 KiB block, the bytes it held before the
+/// last step) and returns the outcomes seen for each.
+fn matrix_row(range: impl Fn(&Pair) -> (u64, u64)) -> [Vec<Outcome>; 3] {
+    let (pair, snaps) = findings_setup(false);
+    let before = pair.diff.to_vec();
+    // One more step, so `before` is the same diff area one step older.
+    let vol = pair.open().unwrap();
+    vol.write_at(&pattern(16 << 10, 9), 3 * MIB).unwrap();
+    drop(vol);
+    let (start, len) = range(&pair);
+    let mut flips: Vec<Outcome> = (0..16u64)
+        .map(|k| {
+            let at = start + (k * 7919 * 13) % len;
+            outcome(&pair, &snaps, |p| p.flip(at, 1 << (k % 8)))
+        })
+        .collect();
+    let zero = |p: &Pair| {
+        let at = start + len / 2 / 4096 * 4096;
+        let n = 4096.min(start + len - at);
+        p.diff.write_at(&vec![0u8; n as usize], at).unwrap();
+    };
+    let stale = |p: &Pair| {
+        p.diff
+            .write_at(&before[start as usize..(start + len) as usize], start)
+            .unwrap();
+    };
+    let mut zeroed = vec![outcome(&pair, &snaps, zero)];
+    let mut old = vec![outcome(&pair, &snaps, stale)];
+    for v in [&mut flips, &mut zeroed, &mut old] {
+        v.sort();
+        v.dedup();
+    }
+    [flips, zeroed, old]
+}
+
+use Outcome::{Exact, ReadsFail, Refused};
+
+fn superblock_copy(newest: bool) -> impl Fn(&Pair) -> (u64, u64) {
+    move |p: &Pair| {
+        let g = p.superblock().generation;
+        let copy = if newest { g % 2 } else { 1 - g % 2 };
+        (copy * 4096, 4096)
+    }
+}
+
+#[test]
+fn matrix_newest_superblock_copy() {
+    // The other copy plus the journal's proof: always exact.
+    assert_eq!(
+        matrix_row(superblock_copy(true)),
+        [vec![Exact], vec![Exact], vec![Exact]]
+    );
+}
+
+#[test]
+fn matrix_older_superblock_copy() {
+    assert_eq!(
+        matrix_row(superblock_copy(false)),
+        [vec![Exact], vec![Exact], vec![Exact]]
+    );
+}
+
+fn active_half(p: &Pair) -> (u64, u64) {
+    let sb = p.superblock();
+    // The part holding records (the rest of the half is unused).
+    let end = p.records().last().map_or(4096, |(at, _)| at + 64);
+    let base = sb.journal_offset + sb.active_half as u64 * sb.journal_half;
+    (base, end - base)
+}
+
+#[test]
+fn matrix_active_journal_half() {
+    // Damage to a committed record or the checkpoint is refused; the
+    // closing mark itself may be cut like a torn tail.
+    let [flips, zeroed, old] = matrix_row(active_half);
+    assert!(
+        flips.iter().all(|o| [Exact, Refused].contains(o)),
+        "{flips:?}"
+    );
+    assert!(flips.contains(&Refused));
+    assert_eq!(zeroed, vec![Refused]);
+    // One step older: another epoch, so no whole checkpoint is current.
+    assert_eq!(old, vec![Refused]);
+}
+
+fn inactive_half(p: &Pair) -> (u64, u64) {
+    let sb = p.superblock();
+    (
+        sb.journal_offset + (1 - sb.active_half as u64) * sb.journal_half,
+        sb.journal_half,
+    )
+}
+
+#[test]
+fn matrix_inactive_journal_half() {
+    assert_eq!(
+        matrix_row(inactive_half),
+        [vec![Exact], vec![Exact], vec![Exact]]
+    );
+}
+
+fn entries(p: &Pair) -> (u64, u64) {
+    let sb = p.superblock();
+    (sb.hash_offset, 33 * 32)
+}
+
+#[test]
+fn matrix_slot_entries() {
+    let [flips, zeroed, old] = matrix_row(entries);
+    // A flip in an entry's blake3 part leaves reads exact (the crc and the
+    // data agree); `verify` reports it.
+    assert!(flips.contains(&ReadsFail), "{flips:?}");
+    assert!(
+        flips.iter().all(|o| [Exact, ReadsFail].contains(o)),
+        "{flips:?}"
+    );
+    assert_eq!(zeroed, vec![ReadsFail]);
+    // One step older: the newest copy's entry is missing.
+    assert_eq!(old, vec![ReadsFail]);
+}
+
+fn data_slots(p: &Pair) -> (u64, u64) {
+    let sb = p.superblock();
+    (sb.data_offset, 33 * sb.chunk_size as u64)
+}
+
+#[test]
+fn matrix_data_slots() {
+    let [flips, zeroed, old] = matrix_row(data_slots);
+    assert_eq!(flips, vec![ReadsFail]);
+    assert_eq!(zeroed, vec![ReadsFail]);
+    assert_eq!(old, vec![ReadsFail]);
+}
