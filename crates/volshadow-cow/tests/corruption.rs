@@ -194,42 +194,59 @@ fn random_flips_never_read_wrong_bytes() {
         .unwrap_or(10_000);
     let start = Instant::now();
     let histories = [history(false), history(true)];
-    let mut rng = Rng::new(11);
-    let (mut opened, mut refused, mut failed_reads) = (0u64, 0u64, 0u64);
-    let mut violations = Vec::new();
-    for n in 0..target {
-        let h = &histories[(n % 2) as usize];
-        let total: u64 = h.regions.iter().map(|r| r.2).sum();
-        let mut pick = rng.below(total);
-        let &(base, len, _) = h
-            .regions
-            .iter()
-            .find(|r| {
-                if pick < r.2 {
-                    true
-                } else {
-                    pick -= r.2;
-                    false
-                }
+    // Two threads, each its own share of the flips (seeded apart).
+    let results: Vec<(u64, u64, u64, Vec<String>)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..2u64)
+            .map(|w| {
+                let histories = &histories;
+                s.spawn(move || {
+                    let mut rng = Rng::new(11 + w);
+                    let (mut opened, mut refused, mut failed_reads) = (0u64, 0u64, 0u64);
+                    let mut violations = Vec::new();
+                    for n in (w..target).step_by(2) {
+                        let h = &histories[(n / 2 % 2) as usize];
+                        let total: u64 = h.regions.iter().map(|r| r.2).sum();
+                        let mut pick = rng.below(total);
+                        let &(base, len, _) = h
+                            .regions
+                            .iter()
+                            .find(|r| {
+                                if pick < r.2 {
+                                    true
+                                } else {
+                                    pick -= r.2;
+                                    false
+                                }
+                            })
+                            .unwrap();
+                        if len == 0 {
+                            continue;
+                        }
+                        let at = base + rng.below(len);
+                        let mask = 1 + rng.below(255) as u8;
+                        match flip(h, at, mask) {
+                            Ok((true, f)) => {
+                                opened += 1;
+                                failed_reads += f;
+                            }
+                            Ok((false, f)) => {
+                                refused += 1;
+                                failed_reads += f;
+                            }
+                            Err(e) => violations
+                                .push(format!("history {} byte {at} ^ {mask:#x}: {e}", n / 2 % 2)),
+                        }
+                    }
+                    (opened, refused, failed_reads, violations)
+                })
             })
-            .unwrap();
-        if len == 0 {
-            continue;
-        }
-        let at = base + rng.below(len);
-        let mask = 1 + rng.below(255) as u8;
-        match flip(h, at, mask) {
-            Ok((true, f)) => {
-                opened += 1;
-                failed_reads += f;
-            }
-            Ok((false, f)) => {
-                refused += 1;
-                failed_reads += f;
-            }
-            Err(e) => violations.push(format!("history {} byte {at} ^ {mask:#x}: {e}", n % 2)),
-        }
-    }
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let opened: u64 = results.iter().map(|r| r.0).sum();
+    let refused: u64 = results.iter().map(|r| r.1).sum();
+    let failed_reads: u64 = results.iter().map(|r| r.2).sum();
+    let violations: Vec<String> = results.into_iter().flat_map(|r| r.3).collect();
     for v in violations.iter().take(10) {
         eprintln!("violation: {v}");
     }

@@ -432,7 +432,7 @@ fn outcome(pair: &Pair, snaps: &[(Uuid, Vec<u8>)], damage: impl FnOnce(&Pair)) -
     let p = pair.copy();
     damage(&p);
     let Ok(vol) = p.open() else {
-        return Outcome::Refused;
+        return Refused;
     };
     let mut listed: Vec<Uuid> = vol.snapshots().iter().map(|s| s.id).collect();
     let mut want: Vec<Uuid> = snaps.iter().map(|s| s.0).collect();
@@ -444,13 +444,13 @@ fn outcome(pair: &Pair, snaps: &[(Uuid, Vec<u8>)], damage: impl FnOnce(&Pair)) -
         .map(|(id, bytes)| exact_or_failed(&vol.snapshot(*id).unwrap(), bytes).len())
         .sum();
     if failed == 0 {
-        return Outcome::Exact;
+        return Exact;
     }
     assert!(
         !vol.verify().unwrap().is_clean(),
         "reads failed, verify clean"
     );
-    Outcome::ReadsFail
+    ReadsFail
 }
 
 /// Runs the three damages of the corruption matrix on `range` (bit flips
