@@ -222,3 +222,48 @@ fn a_killed_set_create_leaves_the_whole_set_or_none() {
         assert_eq!(a, b, "half a set survived a kill");
     }
 }
+
+/// SIGTERM (and SIGINT) stop `serve` cleanly: in-flight writes finish, the
+/// volume is closed (journal marked committed), sockets are removed, exit
+/// status 0; persistent shadow copies survive, non-persistent ones end.
+#[cfg(unix)]
+#[test]
+fn serve_stops_cleanly_on_sigterm_and_sigint() {
+    for signal in ["-TERM", "-INT"] {
+        let dir = volume("16M");
+        let d = dir.path();
+        let mut server = Server::start(d, "disk.img");
+        write_file(d, "data", &pattern(1 << 20, 8));
+        let keep = create_shadow(d, "disk.img");
+        vs(
+            d,
+            &[
+                "write", "--for", "disk.img", "--offset", "0", "--input", "data",
+            ],
+        );
+        vs(
+            d,
+            &["create", "shadow", "--for", "disk.img", "--non-persistent"],
+        );
+        let pid = server.child.id().to_string();
+        let status = Command::new("kill").args([signal, &pid]).status().unwrap();
+        assert!(status.success());
+        let code = server.child.wait().unwrap();
+        assert!(code.success(), "serve exited with {code:?} on {signal}");
+        assert!(
+            !d.join("disk.img.vshadow.sock").exists(),
+            "control socket left"
+        );
+        assert!(!server.socket.exists(), "NBD socket left");
+        assert_eq!(shadow_ids(d, "disk.img"), vec![keep.clone()]);
+        vs(
+            d,
+            &[
+                "read", "--for", "disk.img", "--shadow", &keep, "--offset", "0", "--length", "1M",
+                "--output", "old",
+            ],
+        );
+        assert!(std::fs::read(d.join("old")).unwrap() == vec![0u8; 1 << 20]);
+        vs(d, &["verify", "--for", "disk.img"]);
+    }
+}

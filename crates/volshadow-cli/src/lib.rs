@@ -1407,6 +1407,7 @@ fn serve(img: &Path, socket: Option<PathBuf>, listen: Option<String>) -> Result<
             reporter.drain();
         }
     });
+    stop_on_signal(img, vol.clone(), socket.clone())?;
     let exports: Arc<dyn volshadow_nbd::Exports> = Arc::new(exports::VolumeExports::new(vol));
     let stop = Arc::new(AtomicBool::new(false));
     #[cfg(unix)]
@@ -1436,6 +1437,31 @@ fn serve(img: &Path, socket: Option<PathBuf>, listen: Option<String>) -> Result<
     );
     volshadow_nbd::serve_tcp(listener, exports, stop);
     Ok(())
+}
+
+/// On SIGINT, SIGTERM or SIGHUP (Ctrl+C or console close on Windows):
+/// writes still in flight finish, the volume is closed cleanly (flushed,
+/// journal marked), the sockets are removed, and the process exits 0.
+/// Non-persistent shadow copies end with the process, as they would at a
+/// crash, and recovery releases them at the next open.
+fn stop_on_signal(img: &Path, vol: Volume, socket: Option<PathBuf>) -> Result<()> {
+    let control = storage::control_path(img);
+    ctrlc::set_handler(move || {
+        eprintln!("volshadow: stopping: closing the volume");
+        let code = match vol.close() {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("volshadow: {}", one_line(&anyhow::Error::from(e)));
+                1
+            }
+        };
+        let _ = std::fs::remove_file(&control);
+        if let Some(s) = &socket {
+            let _ = std::fs::remove_file(s);
+        }
+        std::process::exit(code);
+    })
+    .context("cannot install the stop handler")
 }
 
 #[cfg(test)]

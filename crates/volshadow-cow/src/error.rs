@@ -82,6 +82,9 @@ pub enum Error {
         "snapshot {snapshot} belongs to set {set}, whose creation was cut by a crash; resolve the set first"
     )]
     SetInDoubt { snapshot: Uuid, set: Uuid },
+    /// `Volume::close` ran; the volume takes no more changes.
+    #[error("the volume is closed")]
+    Closed,
     /// The volume was opened for salvage, which never writes.
     #[error("the volume is open for salvage, which is read-only")]
     SalvageReadOnly,
@@ -99,7 +102,9 @@ impl Error {
             Error::DiffAreaFull { .. } | Error::JournalTooSmall { .. } => {
                 io::ErrorKind::StorageFull
             }
-            Error::ReadOnly(_) | Error::SalvageReadOnly => io::ErrorKind::PermissionDenied,
+            Error::ReadOnly(_) | Error::SalvageReadOnly | Error::Closed => {
+                io::ErrorKind::PermissionDenied
+            }
             Error::SnapshotNotFound(_) => io::ErrorKind::NotFound,
             Error::Timeout(_) => io::ErrorKind::TimedOut,
             Error::TooManySnapshots(_) => io::ErrorKind::QuotaExceeded,

@@ -328,6 +328,8 @@ pub(crate) struct Inner {
     auto_deleted_total: AtomicU64,
     /// Format of the slot entries (1 only in a salvage open of format 1).
     format: u32,
+    /// Set by `close`: changes are refused, the journal is marked.
+    closed: AtomicBool,
     /// Set in a salvage open: read-only, and what it cannot vouch for.
     pub(crate) doubts: Option<Doubts>,
     /// What recovery found at open.
@@ -528,6 +530,24 @@ impl Volume {
         })
     }
 
+    /// Closes the volume cleanly while clones of it may still exist (a
+    /// server stopping on a signal): holds new writes, waits for those in
+    /// flight, flushes the origin and marks the journal committed (as a
+    /// last drop would). Later writes and changes fail; reads still work.
+    pub fn close(&self) -> Result<()> {
+        let inner = &self.inner;
+        if inner.doubts.is_some() || inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let _closed = inner.gate.close(DEFAULT_HOLD)?;
+        inner.origin.flush()?;
+        if !inner.failed.load(Ordering::Acquire) {
+            inner.state_write().journal.close()?;
+        }
+        info!(diff = %inner.diff.name(), "volume closed");
+        Ok(())
+    }
+
     /// True if opened with [`OpenMode::Salvage`]: read-only, and reads it
     /// cannot vouch for fail.
     pub fn is_salvage(&self) -> bool {
@@ -576,6 +596,7 @@ impl Volume {
                 auto_deleted: Mutex::new(Vec::new()),
                 auto_deleted_total: AtomicU64::new(0),
                 format: sb.version,
+                closed: AtomicBool::new(false),
                 doubts,
                 notes,
             }),
@@ -1045,6 +1066,8 @@ impl Inner {
     fn check_ok(&self) -> Result<()> {
         if self.doubts.is_some() {
             Err(Error::SalvageReadOnly)
+        } else if self.closed.load(Ordering::Acquire) {
+            Err(Error::Closed)
         } else if self.failed.load(Ordering::Acquire) {
             Err(Error::NeedsRecovery)
         } else {
@@ -1719,7 +1742,10 @@ impl Drop for Inner {
     /// A clean close marks every journal record committed (see
     /// `Journal::close`), so later damage to one is reported, not cut off.
     fn drop(&mut self) {
-        if self.doubts.is_some() || self.failed.load(Ordering::Acquire) {
+        if self.doubts.is_some()
+            || self.failed.load(Ordering::Acquire)
+            || self.closed.load(Ordering::Acquire)
+        {
             return;
         }
         let st = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
