@@ -773,7 +773,9 @@ impl Volume {
                     seq = oldest,
                     "shrinking shadow storage deletes the oldest snapshot"
                 );
+                let info = SnapshotInfo::from_record(&st.snapshots[&oldest]);
                 inner.delete_in_state(&mut st, oldest, Some(&closed))?;
+                inner.tell_auto_deleted(info);
             }
             st.log(Record::Limits {
                 max_bytes: max_slots * chunk,
@@ -1220,6 +1222,21 @@ impl Inner {
         }
     }
 
+    /// Records a snapshot the delete-oldest policy removed, for
+    /// `take_auto_deleted`.
+    fn tell_auto_deleted(&self, info: SnapshotInfo) {
+        self.auto_deleted_total.fetch_add(1, Ordering::Relaxed);
+        let mut told = self
+            .auto_deleted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Bounded: a caller that never asks keeps the newest.
+        if told.len() >= AUTO_DELETED_KEPT {
+            told.remove(0);
+        }
+        told.push(info);
+    }
+
     /// Finds a free slot under the full policy. `None`: no snapshot needs
     /// the chunk any more (the last one was deleted to make room).
     fn alloc_slot(&self, st: &mut State) -> Result<Option<u32>> {
@@ -1241,16 +1258,7 @@ impl Inner {
                     let info = SnapshotInfo::from_record(oldest);
                     warn!(id = %info.id, seq = info.seq, "diff area full: deleting the oldest snapshot");
                     self.delete_in_state(st, info.seq, None)?;
-                    self.auto_deleted_total.fetch_add(1, Ordering::Relaxed);
-                    let mut told = self
-                        .auto_deleted
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    // Bounded: a caller that never asks keeps the newest.
-                    if told.len() >= AUTO_DELETED_KEPT {
-                        told.remove(0);
-                    }
-                    told.push(info);
+                    self.tell_auto_deleted(info);
                 }
                 FullPolicy::FailWrites => {
                     return Err(Error::DiffAreaFull {

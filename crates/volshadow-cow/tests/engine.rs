@@ -254,7 +254,7 @@ fn full_grow_raises_the_limit_up_to_its_max() {
 #[test]
 fn resize_shrinks_by_deleting_oldest() {
     let r = tiny(FullPolicy::DeleteOldest, 16);
-    r.vol.create_snapshot(persistent()).unwrap();
+    let s1 = r.vol.create_snapshot(persistent()).unwrap();
     fill(&r.vol, 0, 6 * CHUNK as usize, 1);
     let s2 = r.vol.create_snapshot(persistent()).unwrap();
     fill(&r.vol, 0, 2 * CHUNK as usize, 2);
@@ -269,6 +269,15 @@ fn resize_shrinks_by_deleting_oldest() {
             .collect::<Vec<_>>(),
         vec![s2.id]
     );
+    // The deletion is told, once.
+    let told: Vec<_> = r
+        .vol
+        .take_auto_deleted()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(told, vec![s1.id]);
+    assert!(r.vol.take_auto_deleted().is_empty());
     assert!(r.vol.resize(1 << 40, None).is_err());
 }
 
