@@ -32,7 +32,8 @@ use crate::format::{
 };
 use crate::index::{SlotAllocator, VersionIndex};
 use crate::journal::{Journal, Replay};
-use crate::volume::{Geometry, State};
+use crate::layout::Geometry;
+use crate::state::State;
 
 /// How to open a volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -1,0 +1,277 @@
+//! The write path: copy each chunk's old contents to the diff area (and
+//! make the copies durable where a persistent snapshot needs them) before
+//! the origin is overwritten.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::{info, warn};
+use uuid::Uuid;
+use volshadow_block::{BlockDevice, Op, check_range};
+
+use crate::bitmap::{CopyHint, EpochBitmap};
+use crate::commit::GroupCommit;
+use crate::error::{Error, Result};
+use crate::format::{
+    FORMAT_VERSION, FullPolicy, HASH_LEN, InDoubtRecord, Record, RevertState, SUPERBLOCK_SLOT,
+    SetMemberRecord, SlotEntry, SnapshotRecord, Superblock, VersionRecord,
+};
+use crate::gate::{Closed, Gate};
+use crate::index::{SlotAllocator, VersionIndex};
+use crate::journal::Journal;
+use crate::layout::{Geometry, runs};
+use crate::recovery::{self, Doubts, OpenMode, entry_holds, read_entry};
+use crate::state::State;
+use crate::types::{
+    DEFAULT_MAX_SNAPSHOTS, Extent, InDoubtSet, Mismatch, SnapshotInfo, SnapshotOptions, Target,
+    Usage, VerifyReport, VolumeOptions, attributes,
+};
+use crate::view::SnapshotView;
+
+use super::*;
+
+/// Batches at least this large are hashed on a second thread.
+const PARALLEL_HASH_BYTES: usize = 256 << 10;
+
+/// What a write does to its range.
+#[derive(Clone, Copy)]
+pub(super) enum Payload<'a> {
+    Data(&'a [u8]),
+    Discard(u64),
+}
+
+impl Payload<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Payload::Data(d) => d.len() as u64,
+            Payload::Discard(n) => *n,
+        }
+    }
+}
+
+impl Inner {
+    /// Copies the current contents of `chunks` (sorted) to the diff area and
+    /// journals them. Contiguous chunks are read from the origin in one
+    /// request, copies to contiguous slots go out in one write each for data
+    /// and hashes, and the batch's records in one journal write. Returns
+    /// `Some((epoch, seq))` when the copies must be made durable before the
+    /// origin is overwritten (some persistent snapshot may read them): a
+    /// flush then covers the journal up to `seq` of `epoch`.
+    pub(super) fn preserve_many(&self, chunks: &[u64]) -> Result<Option<(u64, u64)>> {
+        // Chunks copied by an earlier write that failed before marking them:
+        // copying again would journal a duplicate; only durability is owed.
+        let (todo, mut durable, journaled) = {
+            let st = self.state_read();
+            let Some(tag) = st.newest() else {
+                return Ok(None);
+            };
+            let todo: Vec<u64> = chunks
+                .iter()
+                .copied()
+                .filter(|&c| !st.index.contains(c as u32, tag))
+                .collect();
+            let owed = (todo.len() < chunks.len() && st.any_persistent())
+                .then(|| (st.journal.epoch(), st.journal.next_seq()));
+            // With no persistent snapshot, every snapshot these copies can
+            // serve is discarded on reopen, and none can become persistent
+            // (snapshots are only created with the gate closed): recovery
+            // never needs their records or hashes. The next persistent
+            // snapshot checkpoints the index (see `State::unjournaled`).
+            // Their slot entries carry no blake3 (but the read checksum).
+            (todo, owed, st.any_persistent())
+        };
+        if todo.is_empty() {
+            return Ok(durable);
+        }
+        let cs = self.geo.chunk as usize;
+        let mut data = vec![0u8; todo.len() * cs];
+        for (i, j) in runs(&todo) {
+            let (off, _) = self.geo.chunk_range(todo[i]);
+            let end = ((todo[j - 1] + 1) << self.geo.shift).min(self.geo.origin_len);
+            self.origin
+                .read_at(&mut data[i * cs..i * cs + (end - off) as usize], off)?;
+        }
+        let mut slots = Vec::with_capacity(todo.len());
+        {
+            let mut st = self.state_write();
+            for _ in &todo {
+                match self.alloc_slot(&mut st) {
+                    Ok(Some(s)) => slots.push(s),
+                    other => {
+                        for s in &slots {
+                            st.slots.release(*s);
+                        }
+                        return other.map(|_| durable);
+                    }
+                }
+            }
+        }
+        // Every copy gets an entry (crc and chunk, checked on each read);
+        // copies some persistent snapshot may read also get their blake3
+        // (journaled, for recovery and scrub).
+        let entries_of = || -> (Vec<[u8; 32]>, Vec<u8>) {
+            let mut hashes = Vec::with_capacity(todo.len());
+            let mut entries = Vec::with_capacity(todo.len() * HASH_LEN as usize);
+            for (k, &c) in todo.iter().enumerate() {
+                let (_, len) = self.geo.chunk_range(c);
+                let bytes = &data[k * cs..k * cs + len];
+                let hash = journaled.then(|| *blake3::hash(bytes).as_bytes());
+                entries.extend_from_slice(&SlotEntry::new(c as u32, bytes, hash.as_ref()).encode());
+                hashes.push(hash.unwrap_or_default());
+            }
+            (hashes, entries)
+        };
+        let write_data = || {
+            runs(&slots).try_for_each(|(i, j)| {
+                self.diff
+                    .write_at(&data[i * cs..j * cs], self.geo.slot_offset(slots[i]))
+            })
+        };
+        // A large batch hashes on a second thread while its copies go out:
+        // the entries only have to be ready after the data.
+        let ((hashes, entries), mut written) = if data.len() >= PARALLEL_HASH_BYTES {
+            std::thread::scope(|s| {
+                let hasher = s.spawn(entries_of);
+                let written = write_data();
+                (
+                    hasher
+                        .join()
+                        .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                    written,
+                )
+            })
+        } else {
+            (entries_of(), write_data())
+        };
+        if written.is_ok() {
+            let e = HASH_LEN as usize;
+            written = runs(&slots).try_for_each(|(i, j)| {
+                self.diff
+                    .write_at(&entries[i * e..j * e], self.geo.entry_offset(slots[i]))
+            });
+        }
+        let mut st = self.state_write();
+        let release = |st: &mut State| {
+            for s in &slots {
+                st.slots.release(*s);
+            }
+        };
+        if let Err(e) = written {
+            release(&mut st);
+            return Err(e.into());
+        }
+        let Some(tag) = st.newest() else {
+            release(&mut st);
+            return Ok(durable);
+        };
+        let versions: Vec<VersionRecord> = todo
+            .iter()
+            .zip(&slots)
+            .map(|(&c, &slot)| VersionRecord {
+                chunk: c as u32,
+                tag,
+                slot,
+            })
+            .collect();
+        let copied = &self.copied;
+        let index = |st: &mut State, v: &VersionRecord| {
+            st.index.insert(v.chunk, v.tag, v.slot);
+            copied.set(v.chunk as u64);
+        };
+        if journaled {
+            let records: Vec<Record> = versions
+                .iter()
+                .zip(&hashes)
+                .map(|(v, hash)| Record::Preserve {
+                    version: *v,
+                    hash: *hash,
+                    durable: 0,
+                })
+                .collect();
+            st.log_batch(&records, |st, r| {
+                if let Record::Preserve { version, .. } = r {
+                    index(st, version);
+                }
+            })
+            .map_err(|e| self.fail(e))?;
+        } else {
+            st.unjournaled = true;
+            for v in &versions {
+                index(&mut st, v);
+            }
+        }
+        if st.any_persistent() {
+            durable = Some((st.journal.epoch(), st.journal.next_seq()));
+        }
+        Ok(durable)
+    }
+
+    /// Flushes the diff area and records how far the journal is durable.
+    pub(super) fn flush_diff(&self, st: &mut State) -> Result<()> {
+        let (epoch, seq) = (st.journal.epoch(), st.journal.next_seq());
+        self.diff.flush().map_err(|e| self.fail(e.into()))?;
+        st.journal.mark_durable(epoch, seq);
+        Ok(())
+    }
+
+    pub(super) fn write_origin(&self, payload: Payload<'_>, offset: u64) -> Result<()> {
+        match payload {
+            Payload::Data(d) => self.origin.write_at(d, offset)?,
+            Payload::Discard(n) => self.origin.discard(offset, n)?,
+        }
+        Ok(())
+    }
+
+    /// Locks the stripes of `chunks` in ascending order (so two callers
+    /// never wait on each other crosswise); held while a chunk is copied or
+    /// read from its snapshot place.
+    pub(super) fn lock_stripes(&self, chunks: impl Iterator<Item = u64>) -> Vec<MutexGuard<'_, ()>> {
+        let mut stripes: Vec<usize> = chunks.map(|c| c as usize % STRIPES).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        stripes
+            .iter()
+            .map(|&i| {
+                self.stripes[i]
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+            })
+            .collect()
+    }
+
+    /// The write path. The caller is inside the gate (or holds it closed).
+    pub(super) fn write_locked(&self, payload: Payload<'_>, offset: u64) -> Result<()> {
+        self.check_ok()?;
+        let len = payload.len();
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset >> self.geo.shift;
+        let last = (offset + len - 1) >> self.geo.shift;
+        if self.newest.load(Ordering::Acquire) == 0 {
+            return self.write_origin(payload, offset);
+        }
+        let need: Vec<u64> = (first..=last).filter(|&c| !self.preserved.get(c)).collect();
+        if need.is_empty() {
+            return self.write_origin(payload, offset);
+        }
+        let _guards = self.lock_stripes(need.iter().copied());
+        // Re-check under the stripe locks: another writer may have copied.
+        let fresh: Vec<u64> = need
+            .into_iter()
+            .filter(|&c| !self.preserved.get(c))
+            .collect();
+        if let Some((epoch, seq)) = self.preserve_many(&fresh)? {
+            self.commit.flush().map_err(|e| self.fail(e.into()))?;
+            self.state_write().journal.mark_durable(epoch, seq);
+        }
+        // Only now may other writers skip these chunks: their copies are
+        // durable where they must be.
+        for c in fresh {
+            self.preserved.set(c);
+        }
+        self.write_origin(payload, offset)
+    }
+}
