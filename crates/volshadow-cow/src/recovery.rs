@@ -17,7 +17,7 @@
 //! A salvage open ([`OpenMode::Salvage`]) writes nothing: it takes what
 //! replays, and marks what it cannot vouch for so reads of it fail.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tracing::{info, warn};
@@ -27,10 +27,10 @@ use volshadow_block::BlockDevice;
 use crate::bitmap::AtomicBitmap;
 use crate::error::{Error, Result};
 use crate::format::{
-    FORMAT_OLDEST, FORMAT_VERSION, FullPolicy, HASH_LEN, INCOMPAT_SUPPORTED, InDoubtRecord,
-    ORIGIN_ID_LEN, Record, RevertState, SlotEntry, Superblock, VersionRecord,
+    FORMAT_OLDEST, FORMAT_VERSION, HASH_LEN, INCOMPAT_SUPPORTED, InDoubtRecord, ORIGIN_ID_LEN,
+    Record, RevertState, SlotEntry, Superblock, VersionRecord,
 };
-use crate::index::{SlotAllocator, VersionIndex};
+use crate::index::SlotAllocator;
 use crate::journal::{Journal, Replay};
 use crate::layout::Geometry;
 use crate::state::State;
@@ -713,23 +713,4 @@ fn upgrade_entries(
         diff.write_at(&entry, geo.entry_offset(v.slot))?;
     }
     Ok(())
-}
-
-impl State {
-    /// The state before replay: no snapshots, no versions.
-    pub(crate) fn empty(journal: Journal, chunk: u64) -> Self {
-        State {
-            snapshots: BTreeMap::new(),
-            index: VersionIndex::default(),
-            slots: SlotAllocator::new(0),
-            max_slots: 0,
-            policy: FullPolicy::default(),
-            next_seq: 1,
-            revert: None,
-            journal,
-            chunk,
-            unjournaled: false,
-            in_doubt: BTreeMap::new(),
-        }
-    }
 }

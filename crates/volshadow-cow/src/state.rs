@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::format::{FullPolicy, InDoubtRecord, Record, RevertState, SnapshotRecord, VersionRecord};
+use crate::format::{
+    FullPolicy, InDoubtRecord, Record, RevertState, SnapshotRecord, VersionRecord,
+};
 use crate::index::{SlotAllocator, VersionIndex};
 use crate::journal::Journal;
 
@@ -151,5 +153,24 @@ impl State {
         self.snapshots
             .values()
             .filter(|s| !self.in_doubt.contains_key(&s.seq))
+    }
+}
+
+impl State {
+    /// The state before replay: no snapshots, no versions.
+    pub(crate) fn empty(journal: Journal, chunk: u64) -> Self {
+        State {
+            snapshots: BTreeMap::new(),
+            index: VersionIndex::default(),
+            slots: SlotAllocator::new(0),
+            max_slots: 0,
+            policy: FullPolicy::default(),
+            next_seq: 1,
+            revert: None,
+            journal,
+            chunk,
+            unjournaled: false,
+            in_doubt: BTreeMap::new(),
+        }
     }
 }

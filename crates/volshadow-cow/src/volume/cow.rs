@@ -2,35 +2,18 @@
 //! make the copies durable where a persistent snapshot needs them) before
 //! the origin is overwritten.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
+use std::sync::{MutexGuard, PoisonError};
 
-use tracing::{info, warn};
-use uuid::Uuid;
-use volshadow_block::{BlockDevice, Op, check_range};
+use volshadow_block::BlockDevice;
 
-use crate::bitmap::{CopyHint, EpochBitmap};
-use crate::commit::GroupCommit;
-use crate::error::{Error, Result};
-use crate::format::{
-    FORMAT_VERSION, FullPolicy, HASH_LEN, InDoubtRecord, Record, RevertState, SUPERBLOCK_SLOT,
-    SetMemberRecord, SlotEntry, SnapshotRecord, Superblock, VersionRecord,
-};
-use crate::gate::{Closed, Gate};
-use crate::index::{SlotAllocator, VersionIndex};
-use crate::journal::Journal;
-use crate::layout::{Geometry, runs};
-use crate::recovery::{self, Doubts, OpenMode, entry_holds, read_entry};
+use crate::error::Result;
+use crate::format::{HASH_LEN, Record, SlotEntry, VersionRecord};
+use crate::layout::runs;
 use crate::state::State;
-use crate::types::{
-    DEFAULT_MAX_SNAPSHOTS, Extent, InDoubtSet, Mismatch, SnapshotInfo, SnapshotOptions, Target,
-    Usage, VerifyReport, VolumeOptions, attributes,
-};
-use crate::view::SnapshotView;
 
-use super::*;
+use super::durability::Owed;
+use super::{Inner, STRIPES};
 
 /// Batches at least this large are hashed on a second thread.
 const PARALLEL_HASH_BYTES: usize = 256 << 10;
@@ -56,10 +39,9 @@ impl Inner {
     /// journals them. Contiguous chunks are read from the origin in one
     /// request, copies to contiguous slots go out in one write each for data
     /// and hashes, and the batch's records in one journal write. Returns
-    /// `Some((epoch, seq))` when the copies must be made durable before the
-    /// origin is overwritten (some persistent snapshot may read them): a
-    /// flush then covers the journal up to `seq` of `epoch`.
-    pub(super) fn preserve_many(&self, chunks: &[u64]) -> Result<Option<(u64, u64)>> {
+    /// what is [`Owed`] when the copies must be made durable before the
+    /// origin is overwritten (some persistent snapshot may read them).
+    pub(super) fn preserve_many(&self, chunks: &[u64]) -> Result<Option<Owed>> {
         // Chunks copied by an earlier write that failed before marking them:
         // copying again would journal a duplicate; only durability is owed.
         let (todo, mut durable, journaled) = {
@@ -72,8 +54,8 @@ impl Inner {
                 .copied()
                 .filter(|&c| !st.index.contains(c as u32, tag))
                 .collect();
-            let owed = (todo.len() < chunks.len() && st.any_persistent())
-                .then(|| (st.journal.epoch(), st.journal.next_seq()));
+            let owed =
+                (todo.len() < chunks.len() && st.any_persistent()).then(|| Owed::all_of(&st));
             // With no persistent snapshot, every snapshot these copies can
             // serve is discarded on reopen, and none can become persistent
             // (snapshots are only created with the gate closed): recovery
@@ -203,17 +185,9 @@ impl Inner {
             }
         }
         if st.any_persistent() {
-            durable = Some((st.journal.epoch(), st.journal.next_seq()));
+            durable = Some(Owed::all_of(&st));
         }
         Ok(durable)
-    }
-
-    /// Flushes the diff area and records how far the journal is durable.
-    pub(super) fn flush_diff(&self, st: &mut State) -> Result<()> {
-        let (epoch, seq) = (st.journal.epoch(), st.journal.next_seq());
-        self.diff.flush().map_err(|e| self.fail(e.into()))?;
-        st.journal.mark_durable(epoch, seq);
-        Ok(())
     }
 
     pub(super) fn write_origin(&self, payload: Payload<'_>, offset: u64) -> Result<()> {
@@ -227,7 +201,10 @@ impl Inner {
     /// Locks the stripes of `chunks` in ascending order (so two callers
     /// never wait on each other crosswise); held while a chunk is copied or
     /// read from its snapshot place.
-    pub(super) fn lock_stripes(&self, chunks: impl Iterator<Item = u64>) -> Vec<MutexGuard<'_, ()>> {
+    pub(super) fn lock_stripes(
+        &self,
+        chunks: impl Iterator<Item = u64>,
+    ) -> Vec<MutexGuard<'_, ()>> {
         let mut stripes: Vec<usize> = chunks.map(|c| c as usize % STRIPES).collect();
         stripes.sort_unstable();
         stripes.dedup();
@@ -263,9 +240,8 @@ impl Inner {
             .into_iter()
             .filter(|&c| !self.preserved.get(c))
             .collect();
-        if let Some((epoch, seq)) = self.preserve_many(&fresh)? {
-            self.commit.flush().map_err(|e| self.fail(e.into()))?;
-            self.state_write().journal.mark_durable(epoch, seq);
+        if let Some(owed) = self.preserve_many(&fresh)? {
+            self.settle(owed)?;
         }
         // Only now may other writers skip these chunks: their copies are
         // durable where they must be.

@@ -1,34 +1,29 @@
 //! Snapshots made, listed, settled, deleted; the full policy; limits.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::PoisonError;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::{info, warn};
 use uuid::Uuid;
-use volshadow_block::{BlockDevice, Op, check_range};
+use volshadow_block::BlockDevice;
 
-use crate::bitmap::{CopyHint, EpochBitmap};
-use crate::commit::GroupCommit;
 use crate::error::{Error, Result};
-use crate::format::{
-    FORMAT_VERSION, FullPolicy, HASH_LEN, InDoubtRecord, Record, RevertState, SUPERBLOCK_SLOT,
-    SetMemberRecord, SlotEntry, SnapshotRecord, Superblock, VersionRecord,
-};
-use crate::gate::{Closed, Gate};
-use crate::index::{SlotAllocator, VersionIndex};
-use crate::journal::Journal;
-use crate::layout::{Geometry, runs};
-use crate::recovery::{self, Doubts, OpenMode, entry_holds, read_entry};
+use crate::format::{FullPolicy, InDoubtRecord, Record, SetMemberRecord, SnapshotRecord};
+use crate::gate::Closed;
+use crate::layout::runs;
 use crate::state::State;
-use crate::types::{
-    DEFAULT_MAX_SNAPSHOTS, Extent, InDoubtSet, Mismatch, SnapshotInfo, SnapshotOptions, Target,
-    Usage, VerifyReport, VolumeOptions, attributes,
-};
+use crate::types::{Extent, InDoubtSet, SnapshotInfo, SnapshotOptions, Target, Usage, attributes};
 use crate::view::SnapshotView;
 
-use super::*;
+use super::{AUTO_DELETED_KEPT, DEFAULT_HOLD, Inner, Volume};
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
 
 impl Volume {
     /// Takes a snapshot: every write that completed before this call is in
@@ -343,7 +338,12 @@ impl Inner {
     /// bitmap needs the gate closed (`closed`); without it (a writer's
     /// delete-oldest) the deleted snapshot is never the newest unless it is
     /// the only one, and then no bitmap is needed.
-    pub(super) fn delete_in_state(&self, st: &mut State, seq: u64, closed: Option<&Closed<'_>>) -> Result<()> {
+    pub(super) fn delete_in_state(
+        &self,
+        st: &mut State,
+        seq: u64,
+        closed: Option<&Closed<'_>>,
+    ) -> Result<()> {
         let was_newest = st.newest() == Some(seq);
         st.log(Record::SnapshotDelete { seq })
             .map_err(|e| self.fail(e))?;

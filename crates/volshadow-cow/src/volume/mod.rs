@@ -10,17 +10,18 @@
 //! a state that matches the records before it.
 
 mod cow;
+mod durability;
 mod lifecycle;
 mod read;
 mod revert;
 mod verify;
 
 use cow::Payload;
+use durability::Owed;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -29,21 +30,14 @@ use volshadow_block::{BlockDevice, Op, check_range};
 use crate::bitmap::{CopyHint, EpochBitmap};
 use crate::commit::GroupCommit;
 use crate::error::{Error, Result};
-use crate::format::{
-    FORMAT_VERSION, FullPolicy, HASH_LEN, InDoubtRecord, Record, RevertState, SUPERBLOCK_SLOT,
-    SetMemberRecord, SlotEntry, SnapshotRecord, Superblock, VersionRecord,
-};
+use crate::format::{FORMAT_VERSION, FullPolicy, Record, SUPERBLOCK_SLOT, Superblock};
 use crate::gate::{Closed, Gate};
-use crate::index::{SlotAllocator, VersionIndex};
+use crate::index::SlotAllocator;
 use crate::journal::Journal;
 use crate::layout::{self, Geometry, plan_layout};
-use crate::recovery::{self, Doubts, OpenMode, entry_holds, read_entry};
+use crate::recovery::{self, Doubts, OpenMode};
 use crate::state::State;
-use crate::types::{
-    DEFAULT_MAX_SNAPSHOTS, Extent, InDoubtSet, Mismatch, SnapshotInfo, SnapshotOptions, Target,
-    Usage, VerifyReport, VolumeOptions, attributes,
-};
-use crate::view::SnapshotView;
+use crate::types::{DEFAULT_MAX_SNAPSHOTS, SnapshotInfo, Usage, VolumeOptions};
 
 /// Chunk-stripe locks: a write that must preserve chunk `c` holds stripe
 /// `c % STRIPES` until the origin write is done; a snapshot read of `c`
@@ -100,13 +94,6 @@ impl std::fmt::Debug for Inner {
 #[derive(Debug, Clone)]
 pub struct Volume {
     pub(crate) inner: Arc<Inner>,
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 impl Volume {
@@ -494,8 +481,14 @@ impl BlockDevice for Volume {
         // Only persistent snapshots must survive a crash: with none, the
         // copies may stay in the diff area's cache (recovery discards
         // non-persistent snapshots and every copy only they reference).
-        if self.inner.state_read().any_persistent() {
-            self.inner.diff.flush()?;
+        let owed = {
+            let st = self.inner.state_read();
+            st.any_persistent().then(|| Owed::all_of(&st))
+        };
+        if let Some(owed) = owed {
+            self.inner
+                .settle(owed)
+                .map_err(|e| e.into_block(self.name()))?;
         }
         self.inner.origin.flush()
     }

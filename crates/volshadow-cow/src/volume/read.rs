@@ -1,35 +1,14 @@
 //! Snapshot reads: from the diff area where a chunk was preserved (each
 //! chunk checked against its slot entry), else from the origin.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use tracing::{info, warn};
 use uuid::Uuid;
-use volshadow_block::{BlockDevice, Op, check_range};
+use volshadow_block::BlockDevice;
 
-use crate::bitmap::{CopyHint, EpochBitmap};
-use crate::commit::GroupCommit;
 use crate::error::{Error, Result};
-use crate::format::{
-    FORMAT_VERSION, FullPolicy, HASH_LEN, InDoubtRecord, Record, RevertState, SUPERBLOCK_SLOT,
-    SetMemberRecord, SlotEntry, SnapshotRecord, Superblock, VersionRecord,
-};
-use crate::gate::{Closed, Gate};
-use crate::index::{SlotAllocator, VersionIndex};
-use crate::journal::Journal;
-use crate::layout::{Geometry, runs};
-use crate::recovery::{self, Doubts, OpenMode, entry_holds, read_entry};
-use crate::state::State;
-use crate::types::{
-    DEFAULT_MAX_SNAPSHOTS, Extent, InDoubtSet, Mismatch, SnapshotInfo, SnapshotOptions, Target,
-    Usage, VerifyReport, VolumeOptions, attributes,
-};
-use crate::view::SnapshotView;
+use crate::format::HASH_LEN;
+use crate::recovery::entry_holds;
 
-use super::*;
+use super::Inner;
 
 impl Inner {
     /// Allocation of `offset..offset+len` as snapshot `seq` sees it:
@@ -170,7 +149,14 @@ impl Inner {
     /// chunk touched against its slot entry before returning: a mismatch
     /// is an error naming the chunk, never the bytes. A chunk read in part
     /// is read whole into a scratch buffer to be checked.
-    pub(super) fn read_slots(&self, id: Uuid, c0: u64, s0: u32, lo: u64, dst: &mut [u8]) -> Result<()> {
+    pub(super) fn read_slots(
+        &self,
+        id: Uuid,
+        c0: u64,
+        s0: u32,
+        lo: u64,
+        dst: &mut [u8],
+    ) -> Result<()> {
         let shift = self.geo.shift;
         let run_start = c0 << shift;
         let hi = lo + dst.len() as u64;

@@ -1,35 +1,15 @@
 //! Revert: the origin rolled back to a snapshot through the normal
 //! copy-on-write path, journaled so a crash resumes it.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use tracing::{info, warn};
+use tracing::info;
 use uuid::Uuid;
-use volshadow_block::{BlockDevice, Op, check_range};
+use volshadow_block::BlockDevice;
 
-use crate::bitmap::{CopyHint, EpochBitmap};
-use crate::commit::GroupCommit;
 use crate::error::{Error, Result};
-use crate::format::{
-    FORMAT_VERSION, FullPolicy, HASH_LEN, InDoubtRecord, Record, RevertState, SUPERBLOCK_SLOT,
-    SetMemberRecord, SlotEntry, SnapshotRecord, Superblock, VersionRecord,
-};
-use crate::gate::{Closed, Gate};
-use crate::index::{SlotAllocator, VersionIndex};
-use crate::journal::Journal;
-use crate::layout::{Geometry, runs};
-use crate::recovery::{self, Doubts, OpenMode, entry_holds, read_entry};
-use crate::state::State;
-use crate::types::{
-    DEFAULT_MAX_SNAPSHOTS, Extent, InDoubtSet, Mismatch, SnapshotInfo, SnapshotOptions, Target,
-    Usage, VerifyReport, VolumeOptions, attributes,
-};
-use crate::view::SnapshotView;
+use crate::format::{FullPolicy, Record, RevertState};
+use crate::gate::Closed;
 
-use super::*;
+use super::{DEFAULT_HOLD, Inner, Payload, Volume};
 
 /// Revert journals its progress every this many chunks.
 const REVERT_STEP: u64 = 1024;
@@ -78,9 +58,9 @@ impl Volume {
             st.log(Record::RevertBegin { seq })
                 .map_err(|e| inner.fail(e))?;
             st.revert = Some(RevertState { seq, next_chunk: 0 });
+            inner.flush_diff(&mut st)?;
             seq
         };
-        inner.diff.flush().map_err(|e| inner.fail(e.into()))?;
         inner.run_revert(&closed, seq, 0)
     }
 }

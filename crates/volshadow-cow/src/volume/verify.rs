@@ -1,35 +1,17 @@
 //! Verify: every preserved copy against its slot entry and blake3, and
 //! the structures around them.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use tracing::{info, warn};
+use tracing::warn;
 use uuid::Uuid;
-use volshadow_block::{BlockDevice, Op, check_range};
+use volshadow_block::BlockDevice;
 
-use crate::bitmap::{CopyHint, EpochBitmap};
-use crate::commit::GroupCommit;
-use crate::error::{Error, Result};
-use crate::format::{
-    FORMAT_VERSION, FullPolicy, HASH_LEN, InDoubtRecord, Record, RevertState, SUPERBLOCK_SLOT,
-    SetMemberRecord, SlotEntry, SnapshotRecord, Superblock, VersionRecord,
-};
-use crate::gate::{Closed, Gate};
-use crate::index::{SlotAllocator, VersionIndex};
+use crate::error::Result;
+use crate::format::{SlotEntry, VersionRecord};
 use crate::journal::Journal;
-use crate::layout::{Geometry, runs};
-use crate::recovery::{self, Doubts, OpenMode, entry_holds, read_entry};
-use crate::state::State;
-use crate::types::{
-    DEFAULT_MAX_SNAPSHOTS, Extent, InDoubtSet, Mismatch, SnapshotInfo, SnapshotOptions, Target,
-    Usage, VerifyReport, VolumeOptions, attributes,
-};
-use crate::view::SnapshotView;
+use crate::recovery::{entry_holds, read_entry};
+use crate::types::{Mismatch, VerifyReport};
 
-use super::*;
+use super::{Inner, Volume};
 
 impl Volume {
     /// Rereads every preserved chunk and checks it against its hash.
