@@ -206,6 +206,9 @@ impl VersionIndex {
             }
         }
         self.len -= freed.len() as u64;
+        // Sorted: slots are handed out again in a fixed order (runs of them
+        // merge into single writes, and crash tests replay exactly).
+        freed.sort_unstable();
         freed
     }
 

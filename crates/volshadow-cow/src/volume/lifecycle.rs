@@ -350,7 +350,9 @@ impl Inner {
         let freed = st.forget(seq);
         self.flush_diff(st)?;
         self.discard_slots(&freed);
-        for s in &freed {
+        // Highest first: the allocator hands out the last released first,
+        // so new copies take the freed slots in ascending runs.
+        for s in freed.iter().rev() {
             st.slots.release(*s);
         }
         let newest = st.newest();
