@@ -71,16 +71,17 @@
 //! not hold the batch yet, were lost. `concurrent_crash_regressions` keeps
 //! four lockstep points of the first kind.
 //!
-//! Found after that fix (main at 83d186f, 20 000 points, seeds 1..=29): 11
-//! violations, all under a random-subset power cut (a cache that writes
-//! back out of order), all "read: snapshot …: chunk N … is damaged: the
-//! preserved copy fails its checksum". The power fails at the flush of a
-//! compaction started in the middle of a batch of copies; the cache wrote
-//! the new half's checkpoint but not the batch's slot entries (or data);
-//! recovery adopts a whole checkpoint in the half the superblock does not
-//! name yet and trusts its versions unchecked. Kept as a regression: seed
-//! 15 op 8. (A flush before a compaction writes its checkpoint, tried
-//! outside the tree, gave 0 violations in 20 000 points.)
+//! Found after that fix (main at 83d186f: 11 violations in 20 000 points;
+//! at 4d4ace0: 17, seeds 1..=29, 248 s), all under a random-subset power
+//! cut (a cache that writes back out of order), all "read: snapshot …:
+//! chunk N … is damaged: the preserved copy fails its checksum". The power
+//! fails at the flush of a compaction started in the middle of a batch of
+//! copies; the cache wrote the new half's checkpoint but not the batch's
+//! slot entries (or data); recovery adopts a whole checkpoint in the half
+//! the superblock does not name yet and trusts its versions unchecked.
+//! Kept as a regression: seed 15 op 8. (A flush before a compaction writes
+//! its checkpoint, tried outside the tree, gave 0 violations in 20 000
+//! points.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
