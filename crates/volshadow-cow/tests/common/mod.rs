@@ -1,6 +1,8 @@
 //! Shared helpers of the engine's tests.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod power;
+
 use std::sync::Arc;
 
 use volshadow_block::{BlockDevice, MemDevice};
