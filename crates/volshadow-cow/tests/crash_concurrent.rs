@@ -912,34 +912,8 @@ fn lane(first: u64, step: u64, target: u64) -> Lane {
     }
 }
 
-/// Every crash point allocates and frees megabytes (devices, unflushed
-/// writes, copies, whole-volume reads). glibc hands such blocks back to
-/// the kernel on free and faults them in again on the next allocation,
-/// which doubled the harness's CPU time (half of it in the kernel); keep
-/// them in the process instead.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
-    use std::ffi::c_int;
-    unsafe extern "C" {
-        fn mallopt(param: c_int, value: c_int) -> c_int;
-    }
-    const M_TRIM_THRESHOLD: c_int = -1;
-    const M_MMAP_THRESHOLD: c_int = -3;
-    // SAFETY: mallopt only sets allocator parameters (under the allocator's
-    // own lock); both values are in range, and a refusal (return 0) just
-    // leaves the defaults.
-    unsafe {
-        mallopt(M_MMAP_THRESHOLD, 32 << 20);
-        mallopt(M_TRIM_THRESHOLD, 256 << 20);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() {}
-
 #[test]
 fn concurrent_crash_consistency() {
-    keep_freed_memory();
     let target = env("VOLSHADOW_CONCURRENT_CRASH_POINTS", 20000);
     let first = env("VOLSHADOW_CONCURRENT_CRASH_SEED", 1);
     // Crash points run in this many lanes at once (each lane its own
