@@ -26,13 +26,12 @@
 use std::collections::BTreeSet;
 
 mod common;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
+use common::power::PowerRig;
 use uuid::Uuid;
+use volshadow_block::BlockDevice;
 use volshadow_block::conformance::Rng;
-use volshadow_block::{BlockDevice, Error as BlockError, FaultyDevice, MemDevice, PowerCut};
 use volshadow_cow::{Extent, SnapshotOptions, Target, Volume, VolumeOptions};
 
 const LEN: usize = 128 << 10;
@@ -40,91 +39,6 @@ const CHUNK: usize = 4096;
 const DIFF_LEN: u64 = 2 << 20;
 const OPS: usize = 48;
 const MAX_SNAPS: usize = 6;
-
-/// Counts write-like operations of both devices; at `crash_at` the power
-/// goes off for both and stays off.
-#[derive(Debug, Default)]
-struct Rail {
-    count: AtomicU64,
-    crash_at: AtomicU64,
-    off: AtomicBool,
-}
-
-impl Rail {
-    fn arm(&self, at: u64) {
-        self.count.store(0, Ordering::SeqCst);
-        self.crash_at.store(at, Ordering::SeqCst);
-        self.off.store(false, Ordering::SeqCst);
-    }
-
-    fn disarm(&self) {
-        self.arm(u64::MAX);
-    }
-
-    /// Counts one operation; false if the power is off for it.
-    fn tick(&self) -> bool {
-        if self.off.load(Ordering::SeqCst) {
-            return false;
-        }
-        if self.count.fetch_add(1, Ordering::SeqCst) >= self.crash_at.load(Ordering::SeqCst) {
-            self.off.store(true, Ordering::SeqCst);
-            return false;
-        }
-        true
-    }
-}
-
-#[derive(Debug)]
-struct Powered {
-    dev: Arc<FaultyDevice<MemDevice>>,
-    rail: Arc<Rail>,
-}
-
-impl Powered {
-    fn dead(&self) -> BlockError {
-        BlockError::Layer {
-            device: self.name(),
-            kind: std::io::ErrorKind::Other,
-            source: "power is off".into(),
-        }
-    }
-}
-
-impl BlockDevice for Powered {
-    fn len(&self) -> u64 {
-        self.dev.len()
-    }
-    fn block_size(&self) -> u32 {
-        512
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> volshadow_block::Result<()> {
-        if self.rail.off.load(Ordering::SeqCst) {
-            return Err(self.dead());
-        }
-        self.dev.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> volshadow_block::Result<()> {
-        if !self.rail.tick() {
-            return Err(self.dead());
-        }
-        self.dev.write_at(buf, offset)
-    }
-    fn flush(&self) -> volshadow_block::Result<()> {
-        if !self.rail.tick() {
-            return Err(self.dead());
-        }
-        self.dev.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> volshadow_block::Result<()> {
-        if !self.rail.tick() {
-            return Err(self.dead());
-        }
-        self.dev.discard(offset, len)
-    }
-    fn name(&self) -> String {
-        self.dev.name()
-    }
-}
 
 /// One step of a workload. Picks are resolved against the live list.
 #[derive(Debug, Clone)]
@@ -444,66 +358,27 @@ fn check(vol: &Volume, m: &Model) -> Result<(), String> {
     Ok(())
 }
 
-struct Bench {
-    origin: Arc<FaultyDevice<MemDevice>>,
-    diff: Arc<FaultyDevice<MemDevice>>,
-    rail: Arc<Rail>,
+/// The devices of one crash point.
+struct Bench(PowerRig);
+
+impl std::ops::Deref for Bench {
+    type Target = PowerRig;
+    fn deref(&self) -> &PowerRig {
+        &self.0
+    }
 }
 
 impl Bench {
     fn new() -> Self {
-        Bench {
-            origin: Arc::new(FaultyDevice::new(MemDevice::new(LEN as u64))),
-            diff: Arc::new(FaultyDevice::new(MemDevice::new(DIFF_LEN))),
-            rail: Arc::new(Rail::default()),
-        }
-    }
-
-    fn devices(&self) -> (Arc<dyn BlockDevice>, Arc<dyn BlockDevice>) {
-        (
-            Arc::new(Powered {
-                dev: self.origin.clone(),
-                rail: self.rail.clone(),
-            }),
-            Arc::new(Powered {
-                dev: self.diff.clone(),
-                rail: self.rail.clone(),
-            }),
-        )
+        Bench(PowerRig::new(LEN as u64, DIFF_LEN))
     }
 
     fn create(&self) -> Volume {
-        let (o, d) = self.devices();
-        Volume::create(
-            o,
-            d,
-            VolumeOptions {
-                chunk_size: CHUNK as u32,
-                journal_half: Some(8192),
-                ..Default::default()
-            },
-        )
-        .expect("create")
-    }
-
-    fn open(&self) -> volshadow_cow::Result<Volume> {
-        let (o, d) = self.devices();
-        Volume::open(o, d)
-    }
-
-    fn cut(&self, rng: &mut Rng, variant: u64) {
-        for dev in [&self.origin, &self.diff] {
-            let pending = dev.unflushed().len();
-            let cut = match variant {
-                0 => PowerCut::DropUnflushed,
-                1 => PowerCut::InOrder {
-                    kept: rng.below(pending as u64 + 1) as usize,
-                    tear_last: Some(rng.below(9)),
-                },
-                _ => PowerCut::Subset((0..pending).filter(|_| rng.below(2) == 0).collect()),
-            };
-            dev.power_cut(cut).expect("power cut");
-        }
+        self.0.create(VolumeOptions {
+            chunk_size: CHUNK as u32,
+            journal_half: Some(8192),
+            ..Default::default()
+        })
     }
 }
 
@@ -538,7 +413,7 @@ fn ops_of(seed: u64) -> u64 {
     bench.rail.arm(u64::MAX);
     let mut model = Model::new();
     run(&vol, &workload(seed), &mut model);
-    let n = bench.rail.count.load(Ordering::SeqCst);
+    let n = bench.rail.count();
     // Without a crash the whole model must hold as well.
     bench.rail.disarm();
     drop(vol);

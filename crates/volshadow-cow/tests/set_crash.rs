@@ -9,145 +9,44 @@
 //! `VOLSHADOW_SET_CRASH_ROUNDS` multiplies the workloads (default 6).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+mod common;
 
+use std::sync::Arc;
+
+use common::power::{PowerRig, Rail};
 use uuid::Uuid;
+use volshadow_block::BlockDevice;
 use volshadow_block::conformance::Rng;
-use volshadow_block::{BlockDevice, Error as BlockError, FaultyDevice, MemDevice, PowerCut};
 use volshadow_cow::{DEFAULT_HOLD_TIMEOUT, SnapshotOptions, SnapshotSet, Volume, VolumeOptions};
 
 const LEN: usize = 256 << 10;
 const DIFF: u64 = 2 << 20;
 
-#[derive(Debug, Default)]
-struct Rail {
-    count: AtomicU64,
-    crash_at: AtomicU64,
-    off: AtomicBool,
-}
-
-impl Rail {
-    fn arm(&self, at: u64) {
-        self.count.store(0, Ordering::SeqCst);
-        self.crash_at.store(at, Ordering::SeqCst);
-        self.off.store(false, Ordering::SeqCst);
-    }
-
-    fn tick(&self) -> bool {
-        if self.off.load(Ordering::SeqCst) {
-            return false;
-        }
-        if self.count.fetch_add(1, Ordering::SeqCst) >= self.crash_at.load(Ordering::SeqCst) {
-            self.off.store(true, Ordering::SeqCst);
-            return false;
-        }
-        true
-    }
-}
-
-#[derive(Debug)]
-struct Powered {
-    dev: Arc<FaultyDevice<MemDevice>>,
-    rail: Arc<Rail>,
-}
-
-impl Powered {
-    fn dead(&self) -> BlockError {
-        BlockError::Layer {
-            device: self.dev.name(),
-            kind: std::io::ErrorKind::Other,
-            source: "power is off".into(),
-        }
-    }
-}
-
-impl BlockDevice for Powered {
-    fn len(&self) -> u64 {
-        self.dev.len()
-    }
-    fn block_size(&self) -> u32 {
-        512
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> volshadow_block::Result<()> {
-        if self.rail.off.load(Ordering::SeqCst) {
-            return Err(self.dead());
-        }
-        self.dev.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> volshadow_block::Result<()> {
-        if !self.rail.tick() {
-            return Err(self.dead());
-        }
-        self.dev.write_at(buf, offset)
-    }
-    fn flush(&self) -> volshadow_block::Result<()> {
-        if !self.rail.tick() {
-            return Err(self.dead());
-        }
-        self.dev.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> volshadow_block::Result<()> {
-        if !self.rail.tick() {
-            return Err(self.dead());
-        }
-        self.dev.discard(offset, len)
-    }
-    fn name(&self) -> String {
-        self.dev.name()
-    }
-}
-
-struct Member {
-    origin: Arc<FaultyDevice<MemDevice>>,
-    diff: Arc<FaultyDevice<MemDevice>>,
-}
-
+/// Two volumes whose four devices share one power rail.
 struct Bench {
-    members: [Member; 2],
+    members: [PowerRig; 2],
     rail: Arc<Rail>,
 }
 
 impl Bench {
     fn new() -> Self {
-        let member = || Member {
-            origin: Arc::new(FaultyDevice::new(MemDevice::new(LEN as u64))),
-            diff: Arc::new(FaultyDevice::new(MemDevice::new(DIFF))),
+        let rail = Arc::new(Rail::default());
+        let member = || {
+            let rig = PowerRig::new(LEN as u64, DIFF);
+            PowerRig {
+                rail: rail.clone(),
+                ..rig
+            }
         };
         Bench {
             members: [member(), member()],
-            rail: Arc::new(Rail::default()),
+            rail,
         }
-    }
-
-    fn devices(&self, i: usize) -> (Arc<dyn BlockDevice>, Arc<dyn BlockDevice>) {
-        let m = &self.members[i];
-        (
-            Arc::new(Powered {
-                dev: m.origin.clone(),
-                rail: self.rail.clone(),
-            }),
-            Arc::new(Powered {
-                dev: m.diff.clone(),
-                rail: self.rail.clone(),
-            }),
-        )
     }
 
     fn cut(&self, rng: &mut Rng, variant: u64) {
         for m in &self.members {
-            for dev in [&m.origin, &m.diff] {
-                let pending = dev.unflushed().len();
-                let cut = match variant {
-                    0 => PowerCut::DropUnflushed,
-                    1 => PowerCut::InOrder {
-                        kept: rng.below(pending as u64 + 1) as usize,
-                        tear_last: Some(rng.below(9)),
-                    },
-                    _ => PowerCut::Subset((0..pending).filter(|_| rng.below(2) == 0).collect()),
-                };
-                dev.power_cut(cut).expect("power cut");
-            }
+            m.cut(rng, variant);
         }
     }
 }
@@ -183,22 +82,13 @@ fn crash_point(seed: u64, k: u64, variant: u64) -> Option<Result<(), String>> {
     let bench = Bench::new();
     let mut rng = Rng::new(seed);
     bench.rail.arm(u64::MAX);
-    let open = |i: usize| {
-        let (o, d) = bench.devices(i);
-        Volume::open(o, d)
-    };
-    for i in 0..2 {
-        let (o, d) = bench.devices(i);
-        Volume::create(
-            o,
-            d,
-            VolumeOptions {
-                chunk_size: 4096,
-                journal_half: Some(8192),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let open = |i: usize| bench.members[i].open();
+    for m in &bench.members {
+        m.create(VolumeOptions {
+            chunk_size: 4096,
+            journal_half: Some(8192),
+            ..Default::default()
+        });
     }
     let vols = [open(0).unwrap(), open(1).unwrap()];
     let want = prepare(&vols, &mut rng);
@@ -218,7 +108,7 @@ fn crash_point(seed: u64, k: u64, variant: u64) -> Option<Result<(), String>> {
         && vols
             .iter()
             .all(|v| v.write_at(&[0xEE; 8192], 4096).is_ok() && v.flush().is_ok());
-    if after && !bench.rail.off.load(Ordering::SeqCst) {
+    if after && !bench.rail.is_off() {
         return None;
     }
     drop(vols);

@@ -4,8 +4,8 @@
 //! count the power goes off for both and stays off; a power cut then
 //! decides what of the unflushed writes reached the media.
 //!
-//! The same rail as `crash.rs` has inline (that file keeps its own copy so
-//! its behaviour cannot change); `crash_concurrent.rs` uses this one.
+//! Used by every crash harness: `crash.rs`, `crash_concurrent.rs` and
+//! `set_crash.rs` (two rigs sharing one rail).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
