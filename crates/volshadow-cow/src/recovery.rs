@@ -445,15 +445,16 @@ pub(crate) fn recover(
     let mut notes = Vec::new();
     let (best, sb_note) = choose_superblock(&**diff)?;
     notes.extend(sb_note);
+    let mismatch = |detail: String| Error::OriginMismatch {
+        diff: diff.name(),
+        origin: origin.name(),
+        expected: best.origin_len,
+        found: origin.len(),
+        expected_id: Uuid::from_bytes(best.uuid),
+        detail,
+    };
     if origin.len() != best.origin_len {
-        return Err(Error::OriginMismatch {
-            diff: diff.name(),
-            origin: origin.name(),
-            expected: best.origin_len,
-            found: origin.len(),
-            expected_id: Uuid::from_bytes(best.uuid),
-            detail: " (wrong origin, or it was resized)".into(),
-        });
+        return Err(mismatch(" (wrong origin, or it was resized)".into()));
     }
     let identity = origin.identity();
     if let Some(now) = identity
@@ -461,18 +462,11 @@ pub(crate) fn recover(
         && best.origin_id != now
         && mode != OpenMode::Rebind
     {
-        return Err(Error::OriginMismatch {
-            diff: diff.name(),
-            origin: origin.name(),
-            expected: best.origin_len,
-            found: origin.len(),
-            expected_id: Uuid::from_bytes(best.uuid),
-            detail: format!(
-                ", and it was made for another file or device (recorded identity {}, found {}); if the image and its diff area were moved or copied together, rebind them",
-                show_identity(&best.origin_id),
-                show_identity(&now)
-            ),
-        });
+        return Err(mismatch(format!(
+            ", and it was made for another file or device (recorded identity {}, found {}); if the image and its diff area were moved or copied together, rebind them",
+            show_identity(&best.origin_id),
+            show_identity(&now)
+        )));
     }
     let (sb, replay, mut doubtful) = choose_half(diff, &best, mode, &mut notes)?;
     let geo = Geometry::from_superblock(&sb);
