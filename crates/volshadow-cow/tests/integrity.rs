@@ -312,10 +312,11 @@ fn a_diff_area_is_bound_to_its_origin_not_to_its_size() {
         matches!(&err, Error::OriginMismatch { detail, .. } if detail.contains("rebind")),
         "{err}"
     );
-    // Moving both files keeps the binding (same file).
+    // Moving both files keeps the binding (same file). Closed first:
+    // Windows renames no open file.
+    drop(a);
     std::fs::rename(p("a.img"), p("moved.img")).unwrap();
     std::fs::rename(p("a.diff"), p("moved.diff")).unwrap();
-    drop(a);
     let moved = Arc::new(FileImage::open(p("moved.img")).unwrap());
     let md = Arc::new(FileImage::open(p("moved.diff")).unwrap());
     assert_eq!(Volume::open(moved, md).unwrap().snapshots()[0].id, s.id);

@@ -335,6 +335,26 @@ pub(crate) fn reflink(_src: &File, _dst: &File) -> io::Result<()> {
     ))
 }
 
+/// Identity of an open file or volume: kind 3, the volume serial number
+/// and the file index (both fixed for the life of the file).
+pub(crate) fn identity(file: &File) -> Option<[u8; 32]> {
+    // SAFETY: an all-zero BY_HANDLE_FILE_INFORMATION is a valid value of
+    // this plain C struct.
+    let mut info: BY_HANDLE_FILE_INFORMATION = unsafe { std::mem::zeroed() };
+    // SAFETY: the handle is open for the life of `file`; `info` is a valid
+    // out pointer of the right type.
+    let ok = unsafe { GetFileInformationByHandle(file.as_raw_handle() as _, &mut info) };
+    if ok == 0 {
+        return None;
+    }
+    let mut id = [0u8; 32];
+    id[0] = 3;
+    id[8..12].copy_from_slice(&info.dwVolumeSerialNumber.to_le_bytes());
+    id[12..16].copy_from_slice(&info.nFileIndexHigh.to_le_bytes());
+    id[16..20].copy_from_slice(&info.nFileIndexLow.to_le_bytes());
+    Some(id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,24 +413,4 @@ mod tests {
         assert!(is_device_path(Path::new(r"\\.\PhysicalDrive0")));
         assert!(!is_device_path(Path::new(r"C:\images\a.img")));
     }
-}
-
-/// Identity of an open file or volume: kind 3, the volume serial number
-/// and the file index (both fixed for the life of the file).
-pub(crate) fn identity(file: &File) -> Option<[u8; 32]> {
-    // SAFETY: an all-zero BY_HANDLE_FILE_INFORMATION is a valid value of
-    // this plain C struct.
-    let mut info: BY_HANDLE_FILE_INFORMATION = unsafe { std::mem::zeroed() };
-    // SAFETY: the handle is open for the life of `file`; `info` is a valid
-    // out pointer of the right type.
-    let ok = unsafe { GetFileInformationByHandle(file.as_raw_handle() as _, &mut info) };
-    if ok == 0 {
-        return None;
-    }
-    let mut id = [0u8; 32];
-    id[0] = 3;
-    id[8..12].copy_from_slice(&info.dwVolumeSerialNumber.to_le_bytes());
-    id[12..16].copy_from_slice(&info.nFileIndexHigh.to_le_bytes());
-    id[16..20].copy_from_slice(&info.nFileIndexLow.to_le_bytes());
-    Some(id)
 }
