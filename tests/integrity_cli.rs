@@ -267,3 +267,20 @@ fn serve_stops_cleanly_on_sigterm_and_sigint() {
         vs(d, &["verify", "--for", "disk.img"]);
     }
 }
+
+/// A binding that names another volume id is refused before anything is
+/// opened for writing: the shadow storage's bytes stay as they were.
+#[test]
+fn a_binding_for_another_volume_is_refused_and_changes_nothing() {
+    let dir = volume("4M");
+    let d = dir.path();
+    create_shadow(d, "disk.img");
+    let binding = std::fs::read_to_string(d.join("disk.img.vshadow")).unwrap();
+    let mut doc: serde_json::Value = serde_json::from_str(&binding).unwrap();
+    doc["volume_id"] = serde_json::json!("00000000-0000-4000-8000-000000000001");
+    std::fs::write(d.join("disk.img.vshadow"), doc.to_string()).unwrap();
+    let before = std::fs::read(d.join("disk.diff")).unwrap();
+    let err = fails(d, &["list", "shadows", "--for", "disk.img"]);
+    assert!(err.contains("expects"), "{err}");
+    assert!(std::fs::read(d.join("disk.diff")).unwrap() == before);
+}

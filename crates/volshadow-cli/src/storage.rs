@@ -121,28 +121,29 @@ fn open_inner(img: &Path, mode: OpenMode, resolve: bool) -> Result<Volume> {
         FileImage::open(&diff_path)
             .with_context(|| format!("opening shadow storage {}", diff_path.display()))?,
     );
-    if mode == OpenMode::Normal
-        && let Some(last) = binding.generation
-        && let Ok(now) = Volume::peek_generation(&*diff)
-        && now < last
-    {
-        bail!(
-            "shadow storage {} is older than the one {} last used (generation {now} < {last}): an older copy of the file was put back, and its shadow copies could read data written since; if that is what you want, run `volshadow rebind --for {}`",
-            diff_path.display(),
-            img.display(),
-            img.display()
-        );
+    // Checked before opening: recovery writes, and a refusal changes nothing.
+    if let Ok((id, now)) = Volume::peek(&*diff) {
+        if id != binding.volume_id && mode != OpenMode::Rebind {
+            bail!(
+                "{} holds volume {id}, but {} expects {}; nothing was changed",
+                diff_path.display(),
+                binding_path(img).display(),
+                binding.volume_id
+            );
+        }
+        if let Some(last) = binding.generation
+            && now < last
+            && mode == OpenMode::Normal
+        {
+            bail!(
+                "shadow storage {} is older than the one {} last used (generation {now} < {last}): an older copy of the file was put back, and its shadow copies could read data written since; if that is what you want, run `volshadow rebind --for {}`",
+                diff_path.display(),
+                img.display(),
+                img.display()
+            );
+        }
     }
     let vol = Volume::open_with(origin, diff, mode)?;
-    if vol.id() != binding.volume_id && mode != OpenMode::Rebind {
-        bail!(
-            "{} holds volume {}, but {} expects {}",
-            diff_path.display(),
-            vol.id(),
-            binding_path(img).display(),
-            binding.volume_id
-        );
-    }
     if mode != OpenMode::Salvage {
         binding.volume_id = vol.id();
         binding.generation = Some(vol.generation());

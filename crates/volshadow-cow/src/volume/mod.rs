@@ -238,19 +238,23 @@ impl Volume {
         self.inner.state_read().journal.superblock().generation
     }
 
-    /// The highest generation of a valid superblock copy on `diff`, read
-    /// without opening it.
-    pub fn peek_generation(diff: &dyn BlockDevice) -> Result<u64> {
-        let mut best = None;
+    /// The volume id and superblock generation of the diff area on
+    /// `diff` (its newest valid superblock copy), read without opening it
+    /// or writing anything.
+    pub fn peek(diff: &dyn BlockDevice) -> Result<(Uuid, u64)> {
+        let mut best: Option<Superblock> = None;
         for copy in 0..2 {
-            if let Ok(sb) = Journal::read_superblock_copy(diff, copy)? {
-                best = best.max(Some(sb.generation));
+            if let Ok(sb) = Journal::read_superblock_copy(diff, copy)?
+                && best.as_ref().is_none_or(|b| sb.generation > b.generation)
+            {
+                best = Some(sb);
             }
         }
-        best.ok_or_else(|| Error::NotADiffArea {
-            device: diff.name(),
-            reason: "no valid superblock copy".into(),
-        })
+        best.map(|sb| (Uuid::from_bytes(sb.uuid), sb.generation))
+            .ok_or_else(|| Error::NotADiffArea {
+                device: diff.name(),
+                reason: "no valid superblock copy".into(),
+            })
     }
 
     /// Closes the volume cleanly while clones of it may still exist (a
