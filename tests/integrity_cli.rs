@@ -284,3 +284,51 @@ fn a_binding_for_another_volume_is_refused_and_changes_nothing() {
     assert!(err.contains("expects"), "{err}");
     assert!(std::fs::read(d.join("disk.diff")).unwrap() == before);
 }
+
+/// `export` goes through a running server (clients keep the volume) and
+/// writes the shadow copy byte for byte, full and incremental.
+#[cfg(unix)]
+#[test]
+fn export_goes_through_a_running_server() {
+    let dir = volume("8M");
+    let d = dir.path();
+    write_file(d, "a", &pattern(8 << 20, 10));
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "a",
+        ],
+    );
+    let _server = Server::start(d, "disk.img");
+    let s1 = create_shadow(d, "disk.img");
+    write_file(d, "b", &pattern(1 << 20, 11));
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "2M", "--input", "b",
+        ],
+    );
+    let s2 = create_shadow(d, "disk.img");
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "b",
+        ],
+    );
+    vs(
+        d,
+        &[
+            "export", "--for", "disk.img", "--shadow", &s1, "--output", "x.img",
+        ],
+    );
+    assert!(std::fs::read(d.join("x.img")).unwrap() == pattern(8 << 20, 10));
+    vs(
+        d,
+        &[
+            "export", "--for", "disk.img", "--shadow", &s2, "--output", "x.img", "--since", &s1,
+        ],
+    );
+    let mut want = pattern(8 << 20, 10);
+    want[2 << 20..3 << 20].copy_from_slice(&pattern(1 << 20, 11));
+    assert!(std::fs::read(d.join("x.img")).unwrap() == want);
+}

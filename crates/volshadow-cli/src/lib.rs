@@ -22,9 +22,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use volshadow_block::{BlockDevice, FileImage, OpenOptions as BlockOpenOptions, open_device};
-use volshadow_cow::{
-    FullPolicy, OpenMode, SnapshotOptions, SnapshotSet, Target, Volume, VolumeOptions,
-};
+use volshadow_cow::{FullPolicy, OpenMode, SnapshotOptions, SnapshotSet, Volume, VolumeOptions};
 
 pub use ops::{Reply, Request, ShadowRow, Which};
 use session::Session;
@@ -1180,25 +1178,34 @@ fn read(
     Ok(())
 }
 
+/// `export`: through the volume's server when one holds it (so clients
+/// keep writing meanwhile), else opening the files; streamed piece by piece.
 fn export(img: &Path, shadow: &str, output: &Path, since: Option<&str>, json: bool) -> Result<()> {
     guard::refuse_volume_file(output, &[img.to_path_buf()], "the export")?;
-    let vol = storage::open_volume(img)?;
-    let id = ops::resolve(&vol, shadow)?;
-    let view = vol.snapshot(id)?;
-    let len = view.len();
+    let mut session = Session::new(img);
+    let id = match session.call(&Request::ListShadows, &[])?.0 {
+        Reply::Shadows { shadows } => ops::resolve_among(&shadows, shadow)?,
+        other => bail!("unexpected answer {other:?} to a listing"),
+    };
+    let len = session.size()?;
     let extents: Vec<(u64, u64)> = match since {
         Some(base) => {
-            let base = ops::resolve(&vol, base)?;
             if !output.exists() {
                 bail!(
                     "incremental export writes into an existing image; {} does not exist",
                     output.display()
                 );
             }
-            vol.changed_extents(base, Target::Snapshot(id))?
-                .into_iter()
-                .map(|e| (e.offset, e.len))
-                .collect()
+            let req = Request::Diff {
+                from: base.to_string(),
+                to: Some(id.to_string()),
+            };
+            match session.call(&req, &[])?.0 {
+                Reply::Extents { extents, .. } => {
+                    extents.into_iter().map(|e| (e.offset, e.len)).collect()
+                }
+                other => bail!("unexpected answer {other:?} to a diff"),
+            }
         }
         None => vec![(0, len)],
     };
@@ -1224,14 +1231,23 @@ fn export(img: &Path, shadow: &str, output: &Path, since: Option<&str>, json: bo
     }
     let total: u64 = extents.iter().map(|e| e.1).sum();
     let bar = progress(total, "exporting");
-    let mut buf = vec![0u8; 1 << 20];
     let mut written = 0u64;
+    let shadow_id = id.to_string();
     let copied = (|| -> Result<()> {
         for &(off, elen) in &extents {
             let mut at = off;
             while at < off + elen {
-                let n = (off + elen - at).min(buf.len() as u64) as usize;
-                view.read_at(&mut buf[..n], at)?;
+                let n = (off + elen - at).min(ops::PIECE);
+                let req = Request::Read {
+                    shadow: Some(shadow_id.clone()),
+                    offset: at,
+                    length: n,
+                };
+                let (_, buf) = session.call(&req, &[])?;
+                if buf.len() as u64 != n {
+                    bail!("asked for {n} bytes at offset {at}, got {}", buf.len());
+                }
+                let n = n as usize;
                 // A full export skips zero runs: the output stays sparse.
                 if since.is_some() || buf[..n].iter().any(|&b| b != 0) {
                     write_at(&out, &buf[..n], at)?;

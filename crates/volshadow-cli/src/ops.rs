@@ -144,12 +144,17 @@ pub enum Reply {
 
 /// Resolves a full id or a unique prefix among the live snapshots.
 pub fn resolve(vol: &Volume, id: &str) -> Result<Uuid> {
+    let rows: Vec<ShadowRow> = vol.snapshots().iter().map(ShadowRow::from).collect();
+    resolve_among(&rows, id)
+}
+
+/// [`resolve`] over a listing (as a server sends it).
+pub fn resolve_among(shadows: &[ShadowRow], id: &str) -> Result<Uuid> {
     let id = id.trim().to_ascii_lowercase();
     if id.is_empty() {
         bail!("empty shadow copy id");
     }
-    let matches: Vec<Uuid> = vol
-        .snapshots()
+    let matches: Vec<Uuid> = shadows
         .iter()
         .map(|s| s.id)
         .filter(|u| u.to_string().starts_with(&id) || u.simple().to_string().starts_with(&id))
