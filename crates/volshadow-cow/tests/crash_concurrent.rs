@@ -24,9 +24,7 @@
 //! operation is, depends on scheduling. One seed in four runs its writers
 //! in lockstep instead (a seeded turn order, one operation at a time): the
 //! same operations in the same order every run, so its crash points
-//! reproduce, up to the engine's choice of slots (freed slots come back in
-//! hash-map order, which changes how copies merge into device writes and
-//! so shifts later operation numbers a little).
+//! reproduce (freed slots come back in a fixed order).
 //!
 //! The model asserts only what holds for every interleaving:
 //!
