@@ -6,9 +6,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{BlockDevice, Error, Op, Result, check_range, sys};
 
-/// Zeros written per call when a file system cannot punch holes.
-const ZERO_RUN: usize = 1 << 20;
-
 /// A file image. `create` makes it sparse; writes and reads are positional;
 /// `flush` is `fdatasync` (`FlushFileBuffers` on Windows); `discard` punches
 /// a hole where the file system can and writes zeros where it cannot.
@@ -110,18 +107,6 @@ impl FileImage {
         self.len.store(size, Ordering::Release);
         Ok(())
     }
-
-    fn write_zeros(&self, mut offset: u64, mut len: u64) -> Result<()> {
-        let zeros = vec![0u8; ZERO_RUN.min(len as usize)];
-        while len > 0 {
-            let n = (len as usize).min(zeros.len());
-            sys::write_all_at(&self.file, &zeros[..n], offset)
-                .map_err(|source| Error::io(&self.name(), Op::Discard, offset, source))?;
-            offset += n as u64;
-            len -= n as u64;
-        }
-        Ok(())
-    }
 }
 
 /// Takes the open-time lock: exclusive for writers, shared for readers.
@@ -194,7 +179,7 @@ impl BlockDevice for FileImage {
         if punched {
             Ok(())
         } else {
-            self.write_zeros(offset, len)
+            self.write_zeroes(offset, len)
         }
     }
 

@@ -895,11 +895,10 @@ fn fill_zeros(dev: &FileImage) -> Result<()> {
     const PIECE: u64 = 8 << 20;
     let len = dev.len();
     let bar = progress(len, "preallocating");
-    let zeros = vec![0u8; PIECE.min(len) as usize];
     let mut off = 0;
     while off < len {
         let n = PIECE.min(len - off);
-        dev.write_at(&zeros[..n as usize], off)?;
+        dev.write_zeroes(off, n)?;
         off += n;
         bar.set_position(off);
     }

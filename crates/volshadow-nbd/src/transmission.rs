@@ -228,7 +228,7 @@ impl<'a, R: Read + Send, W: Write + Send> Connection<'a, R, W> {
             CMD_TRIM | CMD_WRITE_ZEROES => {
                 let len = u64::from(req.length);
                 let r = if req.kind == CMD_WRITE_ZEROES && req.flags & CMD_FLAG_NO_HOLE != 0 {
-                    write_zeros(dev, req.offset, len)
+                    dev.write_zeroes(req.offset, len)
                 } else {
                     dev.discard(req.offset, len)
                 };
@@ -435,17 +435,6 @@ fn changed_descriptors(changed: &[(u64, u64)], off: u64, len: u64) -> Vec<(u32, 
     }
     push(end.saturating_sub(at), 0);
     out
-}
-
-fn write_zeros(dev: &dyn BlockDevice, mut off: u64, mut len: u64) -> volshadow_block::Result<()> {
-    let zeros = vec![0u8; len.min(1 << 20) as usize];
-    while len > 0 {
-        let n = len.min(zeros.len() as u64);
-        dev.write_at(&zeros[..n as usize], off)?;
-        off += n;
-        len -= n;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
