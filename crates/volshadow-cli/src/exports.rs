@@ -20,8 +20,8 @@ impl VolumeExports {
     }
 }
 
-fn extents(vol: &Volume, from: uuid::Uuid, to: Target) -> Vec<(u64, u64)> {
-    vol.changed_extents(from, to)
+fn extents(vol: &Volume, from: uuid::Uuid, to: Target, off: u64, len: u64) -> Vec<(u64, u64)> {
+    vol.changed_extents_in(from, to, off, len)
         .map(|v| v.into_iter().map(|e| (e.offset, e.len)).collect())
         .unwrap_or_default()
 }
@@ -39,7 +39,7 @@ impl Exports for VolumeExports {
             // Changed since the newest shadow copy.
             let changed = snaps.last().map(|newest| {
                 let (vol, id) = (self.vol.clone(), newest.id);
-                Arc::new(move || extents(&vol, id, Target::Live)) as ChangedFn
+                Arc::new(move |off, len| extents(&vol, id, Target::Live, off, len)) as ChangedFn
             });
             return Some(Export {
                 name: "live".into(),
@@ -54,7 +54,8 @@ impl Exports for VolumeExports {
         // Changed between the previous shadow copy and this one.
         let changed = pos.checked_sub(1).map(|p| {
             let (vol, prev) = (self.vol.clone(), snaps[p].id);
-            Arc::new(move || extents(&vol, prev, Target::Snapshot(id))) as ChangedFn
+            Arc::new(move |off, len| extents(&vol, prev, Target::Snapshot(id), off, len))
+                as ChangedFn
         });
         Some(Export {
             name: id.to_string(),

@@ -212,13 +212,26 @@ impl VersionIndex {
         freed
     }
 
-    /// Chunks with a version tagged in `from..to`, sorted.
-    pub(crate) fn chunks_tagged(&self, from: u64, to: u64) -> Vec<u32> {
-        let mut out: Vec<u32> = self
-            .by_tag
-            .range(from..to)
-            .flat_map(|(_, m)| m.entries().map(|(c, _)| c))
-            .collect();
+    /// Chunks in `chunks` with a version tagged in `from..to`, sorted.
+    /// Frozen tags are searched by range, so a small window of a large
+    /// index costs little.
+    pub(crate) fn chunks_tagged(
+        &self,
+        from: u64,
+        to: u64,
+        chunks: std::ops::RangeInclusive<u32>,
+    ) -> Vec<u32> {
+        let mut out: Vec<u32> = Vec::new();
+        for m in self.by_tag.range(from..to).map(|(_, m)| m) {
+            match m {
+                TagMap::Hot(h) => out.extend(h.keys().filter(|c| chunks.contains(c))),
+                TagMap::Frozen(v) => {
+                    let lo = v.partition_point(|e| e.0 < *chunks.start());
+                    let hi = v.partition_point(|e| e.0 <= *chunks.end());
+                    out.extend(v[lo..hi].iter().map(|e| e.0));
+                }
+            }
+        }
         out.sort_unstable();
         out.dedup();
         out
@@ -354,7 +367,8 @@ mod tests {
         let freed = ix.drop_tag(3, Some(1));
         assert_eq!(freed, vec![101]);
         assert_eq!(ix.lookup(8, 1), Some((1, 102)));
-        assert_eq!(ix.chunks_tagged(1, 2), vec![7, 8]);
+        assert_eq!(ix.chunks_tagged(1, 2, 0..=u32::MAX), vec![7, 8]);
+        assert_eq!(ix.chunks_tagged(1, 2, 8..=9), vec![8]);
         // The same through frozen tables.
         ix.freeze_older_than(u64::MAX);
         assert_eq!(ix.lookup(8, 1), Some((1, 102)));

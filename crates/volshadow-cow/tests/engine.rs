@@ -774,3 +774,47 @@ fn revert_skips_chunks_that_already_hold_the_target_bytes() {
     r.vol.revert(s1.id).unwrap();
     assert_eq!(r.vol.changed_extents(s3.id, Target::Live).unwrap(), vec![]);
 }
+
+/// `changed_extents_in` is `changed_extents` clipped to the window, for
+/// windows that start and end inside, across and outside changed runs.
+#[test]
+fn changed_extents_in_a_window_are_the_whole_list_clipped() {
+    let r = Rig::small();
+    let s1 = r.vol.create_snapshot(persistent()).unwrap();
+    for (off, len) in [
+        (0u64, 3 * CHUNK as usize),
+        (40_000, 9000),
+        (200_000, 70_000),
+    ] {
+        fill(&r.vol, off, len, 5);
+    }
+    let s2 = r.vol.create_snapshot(persistent()).unwrap();
+    fill(&r.vol, 500_000, 20_000, 6);
+    for to in [Target::Snapshot(s2.id), Target::Live] {
+        let whole = r.vol.changed_extents(s1.id, to).unwrap();
+        for (off, len) in [
+            (0u64, 1u64 << 20),
+            (5000, 100),
+            (6000, 200_000),
+            (210_000, 1),
+            (900_000, 500_000),
+        ] {
+            let end = (off + len).min(1 << 20);
+            let want: Vec<Extent> = whole
+                .iter()
+                .filter_map(|e| {
+                    let (lo, hi) = (e.offset.max(off), (e.offset + e.len).min(end));
+                    (lo < hi).then_some(Extent {
+                        offset: lo,
+                        len: hi - lo,
+                    })
+                })
+                .collect();
+            assert_eq!(
+                r.vol.changed_extents_in(s1.id, to, off, len).unwrap(),
+                want,
+                "window {off}+{len}"
+            );
+        }
+    }
+}

@@ -52,7 +52,7 @@ impl Exports for Two {
         vec!["live".into(), "snap".into()]
     }
     fn open(&self, name: &str) -> Option<Export> {
-        let changed: crate::ChangedFn = Arc::new(|| vec![(4096, 8192)]);
+        let changed: crate::ChangedFn = Arc::new(|_, _| vec![(4096, 8192)]);
         match name {
             "" | "live" => Some(Export {
                 name: "live".into(),

@@ -12,8 +12,9 @@ use volshadow_block::BlockDevice;
 use crate::proto::*;
 use crate::transmission::{self, Negotiated};
 
-/// Produces the changed extents `(offset, len)` of an export, sorted.
-pub type ChangedFn = Arc<dyn Fn() -> Vec<(u64, u64)> + Send + Sync>;
+/// Produces the changed extents `(offset, len)` of an export within
+/// `(offset, len)`, sorted: a BLOCK_STATUS request asks for its range only.
+pub type ChangedFn = Arc<dyn Fn(u64, u64) -> Vec<(u64, u64)> + Send + Sync>;
 
 /// One export: a device and, optionally, its changed extents.
 #[derive(Clone)]

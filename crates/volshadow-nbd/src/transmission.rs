@@ -329,7 +329,7 @@ impl<'a, R: Read + Send, W: Write + Send> Connection<'a, R, W> {
                     Err(e) => return self.error(req, errno(&e), &e.to_string()),
                 },
                 _ => {
-                    let changed = self.export.changed.as_ref().map(|f| f());
+                    let changed = self.export.changed.as_ref().map(|f| f(off, len));
                     changed_descriptors(&changed.unwrap_or_default(), off, len)
                 }
             };

@@ -186,6 +186,25 @@ impl Volume {
     /// the live volume), as merged byte extents. Exact at chunk granularity,
     /// also after deleting snapshots in between and after recovery.
     pub fn changed_extents(&self, from: Uuid, to: Target) -> Result<Vec<Extent>> {
+        self.changed_extents_in(from, to, 0, self.inner.geo.origin_len)
+    }
+
+    /// `changed_extents` within `offset..offset+len` only (extents clipped
+    /// to it): what an NBD BLOCK_STATUS request asks, at the cost of that
+    /// window, not of the whole volume.
+    pub fn changed_extents_in(
+        &self,
+        from: Uuid,
+        to: Target,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Extent>> {
+        let geo = &self.inner.geo;
+        let end = offset.saturating_add(len).min(geo.origin_len);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let window = (offset >> geo.shift) as u32..=((end - 1) >> geo.shift) as u32;
         let st = self.inner.state_read();
         let a = st.find(from)?;
         let b = match to {
@@ -197,9 +216,22 @@ impl Volume {
                 "snapshot {from} is newer than the target; give the older one first"
             )));
         }
-        let chunks = st.index.chunks_tagged(a, b);
+        let chunks = st.index.chunks_tagged(a, b, window);
         drop(st);
-        Ok(self.inner.merge_extents(chunks.into_iter().map(u64::from)))
+        let mut out = self.inner.merge_extents(chunks.into_iter().map(u64::from));
+        // Clip the first and last extents to the window.
+        if let Some(first) = out.first_mut()
+            && first.offset < offset
+        {
+            first.len -= offset - first.offset;
+            first.offset = offset;
+        }
+        if let Some(last) = out.last_mut()
+            && last.offset + last.len > end
+        {
+            last.len = end - last.offset;
+        }
+        Ok(out)
     }
 
     /// Extents of snapshot `id` that may hold data: everything except
