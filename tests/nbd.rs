@@ -6,7 +6,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
@@ -171,76 +170,6 @@ fn real_clients_read_write_and_compare() {
         "torn write in a snapshot"
     );
     drop(server);
-}
-
-/// Minimal raw client for hostile input.
-struct Raw(UnixStream);
-
-impl Raw {
-    fn connect(path: &std::path::Path) -> Raw {
-        let s = UnixStream::connect(path).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut r = Raw(s);
-        let mut greeting = [0u8; 18];
-        r.0.read_exact(&mut greeting).unwrap();
-        assert_eq!(&greeting[..8], b"NBDMAGIC");
-        r
-    }
-
-    fn opt(&mut self, opt: u32, data: &[u8]) {
-        let mut b = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
-        b.extend_from_slice(&opt.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        b.extend_from_slice(data);
-        self.0.write_all(&b).unwrap();
-    }
-
-    fn opt_reply(&mut self) -> (u32, Vec<u8>) {
-        let mut h = [0u8; 20];
-        self.0.read_exact(&mut h).unwrap();
-        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-        let mut d = vec![0u8; len as usize];
-        self.0.read_exact(&mut d).unwrap();
-        (kind, d)
-    }
-
-    /// Handshake to the transmission phase on `export` (simple replies).
-    fn go(path: &std::path::Path, export: &str) -> Raw {
-        let mut r = Raw::connect(path);
-        r.0.write_all(&3u32.to_be_bytes()).unwrap();
-        let mut d = (export.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(export.as_bytes());
-        d.extend_from_slice(&0u16.to_be_bytes());
-        r.opt(7, &d);
-        loop {
-            let (kind, _) = r.opt_reply();
-            if kind == 1 {
-                return r;
-            }
-            assert_eq!(kind, 3, "GO failed with reply type {kind:#x}");
-        }
-    }
-
-    fn request(&mut self, kind: u16, offset: u64, len: u32, payload: &[u8]) -> u32 {
-        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
-        b.extend_from_slice(&0u16.to_be_bytes());
-        b.extend_from_slice(&kind.to_be_bytes());
-        b.extend_from_slice(&42u64.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
-        b.extend_from_slice(payload);
-        self.0.write_all(&b).unwrap();
-        let mut h = [0u8; 16];
-        self.0.read_exact(&mut h).unwrap();
-        assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), 0x6744_6698);
-        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
-        if kind == 0 && err == 0 {
-            let mut data = vec![0u8; len as usize];
-            self.0.read_exact(&mut data).unwrap();
-        }
-        err
-    }
 }
 
 #[test]

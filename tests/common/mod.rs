@@ -122,6 +122,59 @@ impl Server {
         Server { child, socket }
     }
 
+    /// Starts `serve` with its stderr in `log`, for a volume that may have
+    /// been served before: stale socket files (a killed server leaves them)
+    /// are removed, and it counts as started only once both sockets accept
+    /// connections. `Err` with what it printed if it exits or does not
+    /// listen within `timeout`.
+    #[cfg(unix)]
+    pub fn try_start(
+        dir: &Path,
+        img: &str,
+        log: &Path,
+        timeout: Duration,
+    ) -> Result<Server, String> {
+        use std::os::unix::net::UnixStream;
+        let socket = dir.join("nbd.sock");
+        let control = dir.join(format!("{img}.vshadow.sock"));
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&control);
+        let stderr = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let mut child = Command::new(bin())
+            .args(["serve", "--for", img, "--socket"])
+            .arg(&socket)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", bin()))?;
+        let printed = || {
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("serve exited ({status}): {}", printed()));
+            }
+            if UnixStream::connect(&socket).is_ok() && UnixStream::connect(&control).is_ok() {
+                return Ok(Server { child, socket });
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "serve did not listen within {timeout:?}: {}",
+                    printed()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.socket.display())
     }
@@ -131,6 +184,148 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// NBD commands and flags the raw client sends.
+pub const NBD_CMD_READ: u16 = 0;
+pub const NBD_CMD_WRITE: u16 = 1;
+pub const NBD_CMD_FLUSH: u16 = 3;
+pub const NBD_CMD_FLAG_FUA: u16 = 1;
+
+/// A minimal NBD client over a Unix socket, speaking the protocol byte by
+/// byte: for hostile input (`tests/nbd.rs`) and for the soak test's
+/// writers and readers (`tests/soak.rs`). One request at a time, simple
+/// replies.
+#[cfg(unix)]
+#[derive(Debug)]
+pub struct Raw(pub std::os::unix::net::UnixStream);
+
+#[cfg(unix)]
+impl Raw {
+    /// Connects and reads the greeting; reads and writes time out after
+    /// `timeout`.
+    pub fn try_connect(path: &Path, timeout: Duration) -> std::io::Result<Raw> {
+        use std::io::Read;
+        let s = std::os::unix::net::UnixStream::connect(path)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        let mut r = Raw(s);
+        let mut greeting = [0u8; 18];
+        r.0.read_exact(&mut greeting)?;
+        if &greeting[..8] != b"NBDMAGIC" {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "no NBDMAGIC greeting",
+            ));
+        }
+        Ok(r)
+    }
+
+    pub fn connect(path: &Path) -> Raw {
+        Raw::try_connect(path, Duration::from_secs(5)).unwrap()
+    }
+
+    pub fn try_opt(&mut self, opt: u32, data: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut b = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.0.write_all(&b)
+    }
+
+    pub fn opt(&mut self, opt: u32, data: &[u8]) {
+        self.try_opt(opt, data).unwrap();
+    }
+
+    pub fn try_opt_reply(&mut self) -> std::io::Result<(u32, Vec<u8>)> {
+        use std::io::Read;
+        let mut h = [0u8; 20];
+        self.0.read_exact(&mut h)?;
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut d = vec![0u8; len as usize];
+        self.0.read_exact(&mut d)?;
+        Ok((kind, d))
+    }
+
+    pub fn opt_reply(&mut self) -> (u32, Vec<u8>) {
+        self.try_opt_reply().unwrap()
+    }
+
+    /// Handshake to the transmission phase on `export` (simple replies).
+    pub fn try_go(path: &Path, export: &str, timeout: Duration) -> std::io::Result<Raw> {
+        use std::io::Write;
+        let mut r = Raw::try_connect(path, timeout)?;
+        r.0.write_all(&3u32.to_be_bytes())?;
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        r.try_opt(7, &d)?;
+        loop {
+            match r.try_opt_reply()?.0 {
+                1 => return Ok(r),
+                3 => {}
+                kind => {
+                    return Err(std::io::Error::other(format!(
+                        "GO {export:?} failed with reply type {kind:#x}"
+                    )));
+                }
+            }
+        }
+    }
+
+    pub fn go(path: &Path, export: &str) -> Raw {
+        Raw::try_go(path, export, Duration::from_secs(5)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Sends one request and waits for its reply: the NBD error (0 = ok),
+    /// the data of a successful READ in `data`.
+    pub fn cmd(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+        data: &mut Vec<u8>,
+    ) -> std::io::Result<u32> {
+        use std::io::{Read, Write};
+        let mut b = Vec::with_capacity(28);
+        b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&42u64.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        self.0.write_all(&b)?;
+        if !payload.is_empty() {
+            self.0.write_all(payload)?;
+        }
+        let mut h = [0u8; 16];
+        self.0.read_exact(&mut h)?;
+        if u32::from_be_bytes(h[..4].try_into().unwrap()) != 0x6744_6698
+            || u64::from_be_bytes(h[8..16].try_into().unwrap()) != 42
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("bad simple reply header {h:02x?}"),
+            ));
+        }
+        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        data.clear();
+        if kind == NBD_CMD_READ && err == 0 {
+            data.resize(len as usize, 0);
+            self.0.read_exact(data)?;
+        }
+        Ok(err)
+    }
+
+    /// `cmd` without flags; panics if the connection fails.
+    pub fn request(&mut self, kind: u16, offset: u64, len: u32, payload: &[u8]) -> u32 {
+        self.cmd(kind, 0, offset, len, payload, &mut Vec::new())
+            .unwrap()
     }
 }
 
