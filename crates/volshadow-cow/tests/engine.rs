@@ -804,7 +804,7 @@ fn changed_extents_in_a_window_are_the_whole_list_clipped() {
                 .iter()
                 .filter_map(|e| {
                     let (lo, hi) = (e.offset.max(off), (e.offset + e.len).min(end));
-                    (lo < hi).then_some(Extent {
+                    (lo < hi).then(|| Extent {
                         offset: lo,
                         len: hi - lo,
                     })
