@@ -18,7 +18,7 @@ use volshadow_block::BlockDevice;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    self, FORMAT_VERSION, Record, RecordEnd, SUPERBLOCK_SLOT, Superblock, read_envelope,
+    self, Envelope, FORMAT_VERSION, Record, RecordEnd, SUPERBLOCK_SLOT, Superblock, read_envelope,
 };
 
 #[derive(Debug)]
@@ -148,19 +148,21 @@ impl Journal {
         self.sb.epoch
     }
 
-    /// Reads the whole of `half`.
-    pub(crate) fn read_half(&self, half: u32) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; self.sb.journal_half as usize];
-        self.diff.read_at(&mut buf, self.half_offset(half))?;
-        Ok(buf)
+    /// A bounded reader over `half`.
+    fn window(&self, half: u32) -> HalfWindow<'_> {
+        HalfWindow {
+            dev: &*self.diff,
+            base: self.half_offset(half),
+            len: self.sb.journal_half,
+            buf: Vec::new(),
+            start: 0,
+        }
     }
 
     /// The epoch of the checksummed record at the start of `half`, if any.
     pub(crate) fn first_epoch(&self, half: u32) -> Result<Option<u64>> {
-        let mut buf = vec![0u8; format::RECORD_HEADER + format::MAX_PAYLOAD];
-        let len = (buf.len() as u64).min(self.sb.journal_half) as usize;
-        self.diff.read_at(&mut buf[..len], self.half_offset(half))?;
-        Ok(read_envelope(&buf[..len], self.sb.version)
+        let mut w = self.window(half);
+        Ok(read_envelope(w.at(0)?, self.sb.version)
             .ok()
             .map(|e| e.epoch))
     }
@@ -172,20 +174,20 @@ impl Journal {
     pub(crate) fn replay(&self) -> Result<Replay> {
         let half = self.sb.active_half;
         let base = self.half_offset(half);
-        let bytes = self.read_half(half)?;
+        let mut w = self.window(half);
         let format = self.sb.version;
         let mut records = Vec::new();
-        let mut pos = 0usize;
+        let mut pos = 0u64;
         let mut seq = 0u64;
         loop {
-            match format::decode_record(&bytes[pos..], self.sb.epoch, seq, format) {
+            match format::decode_record(w.at(pos)?, self.sb.epoch, seq, format) {
                 Ok(d) => {
                     let committed = match &d.record {
                         Record::Preserve { durable, .. } if format == 1 => *durable,
                         _ => d.committed,
                     };
                     records.push((d.record, committed));
-                    pos += d.len;
+                    pos += d.len as u64;
                     seq += 1;
                 }
                 Err(RecordEnd::BadPayload) => {
@@ -193,20 +195,24 @@ impl Journal {
                     // written that way: never a torn write.
                     return Err(Error::Corrupt {
                         device: self.name(),
-                        offset: base + pos as u64,
+                        offset: base + pos,
                         reason: format!(
                             "journal record {seq} has a valid checksum but does not decode"
                         ),
                     });
                 }
                 Err(why) => {
-                    let committed_by = scan_committed(&bytes[pos..], self.sb.epoch, seq, format)
-                        .map(|(s, at)| (s, base + (pos + at) as u64));
                     let clean = matches!(why, RecordEnd::BadLength(0) | RecordEnd::Stale { .. })
-                        || pos == bytes.len();
+                        || pos == w.len;
+                    let epoch = self.sb.epoch;
+                    let committed_by = w
+                        .find(pos + 1, format, epoch..=epoch, |e| {
+                            e.seq > seq && e.committed > seq
+                        })?
+                        .map(|(e, at)| (e.seq, base + at));
                     let cut = (!clean || committed_by.is_some()).then(|| Cut {
                         seq,
-                        offset: base + pos as u64,
+                        offset: base + pos,
                         why,
                         committed_by,
                     });
@@ -220,19 +226,11 @@ impl Journal {
     /// `epoch` that was appended after its checkpoint committed (mark
     /// above 0): proof that a newer half was in use.
     pub(crate) fn newer_committed(&self, half: u32, epoch: u64) -> Result<Option<u64>> {
-        let bytes = self.read_half(half)?;
-        let format = self.sb.version;
-        let mut at = 0;
-        while at + format::record_header(format) <= bytes.len() {
-            if let Ok(e) = read_envelope(&bytes[at..], format)
-                && e.epoch > epoch
-                && e.committed > 0
-            {
-                return Ok(Some(e.epoch));
-            }
-            at += 1;
-        }
-        Ok(None)
+        let mut w = self.window(half);
+        // A newer half is at most a few compactions ahead.
+        let newer = epoch + 1..=epoch + 8;
+        Ok(w.find(0, self.sb.version, newer, |e| e.committed > 0)?
+            .map(|(e, _)| e.epoch))
     }
 
     /// Bytes free in the active half.
@@ -352,24 +350,63 @@ impl Journal {
     }
 }
 
-/// Looks past a record that did not decode (at the start of `rest`, which
-/// should have been record `seq`) for a checksummed record of `epoch` with
-/// a higher seq whose `committed` mark covers `seq`. Returns that record's
-/// seq and offset in `rest`. Envelopes are not aligned, so every offset is
-/// tried; the epoch compare rejects almost all before any checksum.
-fn scan_committed(rest: &[u8], epoch: u64, seq: u64, format: u32) -> Option<(u64, usize)> {
-    let header = format::record_header(format);
-    let want = epoch.to_le_bytes();
-    let mut at = 1;
-    while at + header <= rest.len() {
-        if rest[at + 8..at + 16] == want
-            && let Ok(e) = read_envelope(&rest[at..], format)
-            && e.seq > seq
-            && e.committed > seq
-        {
-            return Some((e.seq, at));
+/// Bytes read ahead beyond one whole record.
+const REPLAY_READ: u64 = 1 << 20;
+/// Longest record envelope and body.
+const MAX_RECORD: u64 = (format::RECORD_HEADER + format::MAX_PAYLOAD) as u64;
+
+/// A journal half read through a bounded window (about 2 MiB), so replay
+/// and scans hold that much of it whatever the half's size.
+struct HalfWindow<'a> {
+    dev: &'a dyn BlockDevice,
+    /// Device offset of the half.
+    base: u64,
+    len: u64,
+    buf: Vec<u8>,
+    /// Half offset of `buf[0]`.
+    start: u64,
+}
+
+impl HalfWindow<'_> {
+    /// The bytes from `pos` on: a whole record's worth, or to the half's end.
+    fn at(&mut self, pos: u64) -> Result<&[u8]> {
+        let pos = pos.min(self.len);
+        let need = (pos + MAX_RECORD).min(self.len);
+        if pos < self.start || need > self.start + self.buf.len() as u64 {
+            let end = (pos + MAX_RECORD + REPLAY_READ).min(self.len);
+            self.buf.resize((end - pos) as usize, 0);
+            self.dev.read_at(&mut self.buf, self.base + pos)?;
+            self.start = pos;
         }
-        at += 1;
+        Ok(&self.buf[(pos - self.start) as usize..])
     }
-    None
+
+    /// The first checksummed envelope at or after `from` that `wanted`
+    /// accepts, with its half offset. Envelopes are not aligned, so every
+    /// offset is tried; the checksum is only computed for plausible ones.
+    /// Only envelopes whose epoch lies in `epochs` are checksummed: the
+    /// 8-byte compare rejects almost every offset first.
+    fn find(
+        &mut self,
+        from: u64,
+        format: u32,
+        epochs: std::ops::RangeInclusive<u64>,
+        wanted: impl Fn(&Envelope) -> bool,
+    ) -> Result<Option<(Envelope, u64)>> {
+        let header = format::record_header(format) as u64;
+        let mut at = from;
+        while at + header <= self.len {
+            let bytes = self.at(at)?;
+            let mut epoch = [0u8; 8];
+            epoch.copy_from_slice(&bytes[8..16]);
+            if epochs.contains(&u64::from_le_bytes(epoch))
+                && let Ok(e) = read_envelope(bytes, format)
+                && wanted(&e)
+            {
+                return Ok(Some((e, at)));
+            }
+            at += 1;
+        }
+        Ok(None)
+    }
 }
