@@ -56,7 +56,7 @@ impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
             freeze: Duration::from_secs(60),
-            hold: Duration::from_secs(10),
+            hold: volshadow_cow::DEFAULT_HOLD_TIMEOUT,
         }
     }
 }

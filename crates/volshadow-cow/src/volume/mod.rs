@@ -45,8 +45,9 @@ use crate::types::{DEFAULT_MAX_SNAPSHOTS, SnapshotInfo, Usage, VolumeOptions};
 const STRIPES: usize = 1024;
 /// Unreported delete-oldest deletions kept for `take_auto_deleted`.
 const AUTO_DELETED_KEPT: usize = 1024;
-/// How long user operations wait for in-flight writes to drain.
-const DEFAULT_HOLD: Duration = Duration::from_secs(10);
+/// How long user operations wait for in-flight writes to drain: VSS's
+/// write-hold limit, as for sets.
+const DEFAULT_HOLD: Duration = crate::set::DEFAULT_HOLD_TIMEOUT;
 
 pub(crate) struct Inner {
     pub(crate) origin: Arc<dyn BlockDevice>,
