@@ -42,10 +42,12 @@ impl Inner {
     /// what is [`Owed`] when the copies must be made durable before the
     /// origin is overwritten (some persistent snapshot may read them).
     pub(super) fn preserve_many(&self, chunks: &[u64]) -> Result<Option<Owed>> {
-        // Chunks copied by an earlier write that failed before marking them:
-        // copying again would journal a duplicate; only durability is owed.
-        let (todo, mut durable, journaled) = {
-            let st = self.state_read();
+        // One critical section decides what to copy and where: chunks
+        // copied by an earlier write that failed before marking them are
+        // skipped (copying again would journal a duplicate; only durability
+        // is owed), the rest get slots under the full policy.
+        let (todo, mut durable, journaled, slots) = {
+            let mut st = self.state_write();
             let Some(tag) = st.newest() else {
                 return Ok(None);
             };
@@ -56,28 +58,10 @@ impl Inner {
                 .collect();
             let owed =
                 (todo.len() < chunks.len() && st.any_persistent()).then(|| Owed::all_of(&st));
-            // With no persistent snapshot, every snapshot these copies can
-            // serve is discarded on reopen, and none can become persistent
-            // (snapshots are only created with the gate closed): recovery
-            // never needs their records or hashes. The next persistent
-            // snapshot checkpoints the index (see `State::unjournaled`).
-            // Their slot entries carry no blake3 (but the read checksum).
-            (todo, owed, st.any_persistent())
-        };
-        if todo.is_empty() {
-            return Ok(durable);
-        }
-        let cs = self.geo.chunk as usize;
-        let mut data = vec![0u8; todo.len() * cs];
-        for (i, j) in runs(&todo) {
-            let (off, _) = self.geo.chunk_range(todo[i]);
-            let end = ((todo[j - 1] + 1) << self.geo.shift).min(self.geo.origin_len);
-            self.origin
-                .read_at(&mut data[i * cs..i * cs + (end - off) as usize], off)?;
-        }
-        let mut slots = Vec::with_capacity(todo.len());
-        {
-            let mut st = self.state_write();
+            if todo.is_empty() {
+                return Ok(owed);
+            }
+            let mut slots = Vec::with_capacity(todo.len());
             for _ in &todo {
                 match self.alloc_slot(&mut st) {
                     Ok(Some(s)) => slots.push(s),
@@ -85,9 +69,34 @@ impl Inner {
                         for s in &slots {
                             st.slots.release(*s);
                         }
-                        return other.map(|_| durable);
+                        return other.map(|_| owed);
                     }
                 }
+            }
+            // With no persistent snapshot, every snapshot these copies can
+            // serve is discarded on reopen, and none can become persistent
+            // (snapshots are only created with the gate closed): recovery
+            // never needs their records or hashes. The next persistent
+            // snapshot checkpoints the index (see `State::unjournaled`).
+            // Their slot entries carry no blake3 (but the read checksum).
+            (todo, owed, st.any_persistent(), slots)
+        };
+        let release = |st: &mut State| {
+            for s in &slots {
+                st.slots.release(*s);
+            }
+        };
+        let cs = self.geo.chunk as usize;
+        let mut data = vec![0u8; todo.len() * cs];
+        for (i, j) in runs(&todo) {
+            let (off, _) = self.geo.chunk_range(todo[i]);
+            let end = ((todo[j - 1] + 1) << self.geo.shift).min(self.geo.origin_len);
+            if let Err(e) = self
+                .origin
+                .read_at(&mut data[i * cs..i * cs + (end - off) as usize], off)
+            {
+                release(&mut self.state_write());
+                return Err(e.into());
             }
         }
         // Every copy gets an entry (crc and chunk, checked on each read);
@@ -135,11 +144,6 @@ impl Inner {
             });
         }
         let mut st = self.state_write();
-        let release = |st: &mut State| {
-            for s in &slots {
-                st.slots.release(*s);
-            }
-        };
         if let Err(e) = written {
             release(&mut st);
             return Err(e.into());
