@@ -28,8 +28,10 @@ pub(crate) struct Journal {
     /// Bytes used in the active half.
     tail: u64,
     next_seq: u64,
-    /// Records below this seq (and the data they point to) are durable.
-    durable: u64,
+    /// Records below `.seq` of epoch `.epoch` (and the data they point
+    /// to) are durable. Shared, so a flush's completion is recorded
+    /// without the state lock (see [`Watermark`]).
+    durable: Arc<Watermark>,
 }
 
 /// Where and why replay stopped before the end of the records.
@@ -107,11 +109,11 @@ impl Journal {
             sb,
             tail: 0,
             next_seq: 0,
-            durable: 0,
+            durable: Arc::default(),
         };
         j.write_half(0, 1, &checkpoint)?;
         j.diff.flush()?;
-        j.durable = j.next_seq;
+        j.durable.reset(1, j.next_seq);
         for generation in [1, 2] {
             j.sb.generation = generation;
             Self::write_superblock(&*j.diff, &j.sb)?;
@@ -127,7 +129,7 @@ impl Journal {
             sb,
             tail: 0,
             next_seq: 0,
-            durable: 0,
+            durable: Arc::default(),
         }
     }
 
@@ -138,10 +140,13 @@ impl Journal {
 
     /// A flush that started after record `seq - 1` was appended completed.
     /// Ignored if a checkpoint began a new half meanwhile (`epoch` moved).
-    pub(crate) fn mark_durable(&mut self, epoch: u64, seq: u64) {
-        if epoch == self.sb.epoch {
-            self.durable = self.durable.max(seq);
-        }
+    pub(crate) fn mark_durable(&self, epoch: u64, seq: u64) {
+        self.durable.advance(epoch, seq);
+    }
+
+    /// The watermark, to advance without the state lock.
+    pub(crate) fn watermark(&self) -> Arc<Watermark> {
+        self.durable.clone()
     }
 
     pub(crate) fn epoch(&self) -> u64 {
@@ -246,7 +251,8 @@ impl Journal {
         let mut bytes = Vec::new();
         let mut n = 0;
         for r in records {
-            let enc = self.encode(self.sb.epoch, self.next_seq + n as u64, self.durable, r)?;
+            let committed = self.durable.get(self.sb.epoch);
+            let enc = self.encode(self.sb.epoch, self.next_seq + n as u64, committed, r)?;
             if (bytes.len() + enc.len()) as u64 > self.room() {
                 break;
             }
@@ -332,7 +338,7 @@ impl Journal {
         self.sb.origin_id = origin_id;
         Self::write_superblock(&*self.diff, &self.sb)?;
         self.diff.flush()?;
-        self.durable = self.next_seq;
+        self.durable.reset(epoch, self.next_seq);
         Ok(())
     }
 
@@ -342,11 +348,44 @@ impl Journal {
     pub(crate) fn close(&mut self) -> Result<()> {
         let next = self.next_seq;
         self.diff.flush()?;
-        self.durable = self.durable.max(next);
+        self.durable.advance(self.sb.epoch, next);
         if self.append_fitting(&[Record::Mark])? == 1 {
             self.diff.flush()?;
         }
         Ok(())
+    }
+}
+
+/// How far the active half is durable: records below `seq` of `epoch`.
+/// A completed flush advances it (ignored once a checkpoint began a new
+/// half: `epoch` moved); appends read it for their `committed` mark.
+#[derive(Debug, Default)]
+pub(crate) struct Watermark(std::sync::Mutex<(u64, u64)>);
+
+impl Watermark {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, u64)> {
+        // Two integers set in single statements: a panic elsewhere cannot
+        // leave them half-changed.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn advance(&self, epoch: u64, seq: u64) {
+        let mut w = self.lock();
+        if w.0 == epoch {
+            w.1 = w.1.max(seq);
+        }
+    }
+
+    fn reset(&self, epoch: u64, seq: u64) {
+        *self.lock() = (epoch, seq);
+    }
+
+    /// The mark for a record of `epoch` (0 if the watermark is of another).
+    fn get(&self, epoch: u64) -> u64 {
+        let w = self.lock();
+        if w.0 == epoch { w.1 } else { 0 }
     }
 }
 

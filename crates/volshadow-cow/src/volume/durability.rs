@@ -1,6 +1,8 @@
 //! Durability of the diff area: every flush of it goes through here, so
 //! the journal's watermark (the `committed` mark later records carry)
-//! always moves with it. Copies a persistent snapshot may read are owed a
+//! always moves with it. The watermark has its own small lock: a writer
+//! settling its copies never waits for the state lock (nor blocks the
+//! snapshot reads that take it). Copies a persistent snapshot may read are owed a
 //! flush before the origin is overwritten; [`Owed`] is that debt, and only
 //! [`Inner::settle`] pays it.
 
@@ -30,12 +32,11 @@ impl Owed {
 
 impl Inner {
     /// Pays `owed` with a group-commit flush (shared with concurrent
-    /// writers) and moves the watermark. A failed flush fails the volume.
+    /// writers) and moves the watermark, without the state lock. A failed
+    /// flush fails the volume.
     pub(super) fn settle(&self, owed: Owed) -> Result<()> {
         self.commit.flush().map_err(|e| self.fail(e.into()))?;
-        self.state_write()
-            .journal
-            .mark_durable(owed.epoch, owed.seq);
+        self.watermark.advance(owed.epoch, owed.seq);
         Ok(())
     }
 

@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::format::{FORMAT_VERSION, FullPolicy, Record, SUPERBLOCK_SLOT, Superblock};
 use crate::gate::{Closed, Gate};
 use crate::index::SlotAllocator;
-use crate::journal::Journal;
+use crate::journal::{Journal, Watermark};
 use crate::layout::{self, Geometry, plan_layout};
 use crate::recovery::{self, Doubts, OpenMode};
 use crate::state::State;
@@ -64,6 +64,9 @@ pub(crate) struct Inner {
     newest: AtomicU64,
     stripes: Box<[Mutex<()>]>,
     commit: GroupCommit,
+    /// The journal's durability watermark, advanced after group-commit
+    /// flushes without taking the state lock.
+    watermark: Arc<Watermark>,
     failed: AtomicBool,
     max_snapshots: AtomicU64,
     /// Snapshots the delete-oldest policy removed, not yet reported.
@@ -307,6 +310,7 @@ impl Volume {
             preserved.set(c as u64);
         }
         let commit = GroupCommit::new(diff.clone());
+        let watermark = state.journal.watermark();
         Ok(Volume {
             inner: Arc::new(Inner {
                 origin,
@@ -318,6 +322,7 @@ impl Volume {
                 copied,
                 newest: AtomicU64::new(newest),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+                watermark,
                 commit,
                 failed: AtomicBool::new(false),
                 max_snapshots: AtomicU64::new(DEFAULT_MAX_SNAPSHOTS as u64),
