@@ -58,16 +58,13 @@ fn parts(img: &Path) -> Vec<(PathBuf, &'static str)> {
 
 /// Images with shadow storage in `dir`: those with an `IMG.vshadow` beside
 /// them. Volumes elsewhere cannot be found from a path alone.
-fn volumes_in(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn volumes_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let dir = if dir.as_os_str().is_empty() {
         Path::new(".")
     } else {
         dir
     };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
+    Ok(std::fs::read_dir(dir)?
         .flatten()
         .filter_map(|e| {
             let p = e.path();
@@ -75,7 +72,7 @@ fn volumes_in(dir: &Path) -> Vec<PathBuf> {
             name.strip_suffix(".vshadow")
                 .map(|img| p.with_file_name(img))
         })
-        .collect()
+        .collect())
 }
 
 /// A volume file some path turned out to be.
@@ -93,9 +90,9 @@ pub fn owner(target: &Path, volumes: &[PathBuf]) -> Option<Owner> {
     // Nothing there yet: writing creates a new file.
     identity(target)?;
     let mut candidates: Vec<PathBuf> = volumes.to_vec();
-    candidates.extend(volumes_in(target.parent().unwrap_or(Path::new("."))));
+    candidates.extend(volumes_in(target.parent().unwrap_or(Path::new("."))).unwrap_or_default());
     for v in volumes {
-        candidates.extend(volumes_in(v.parent().unwrap_or(Path::new("."))));
+        candidates.extend(volumes_in(v.parent().unwrap_or(Path::new("."))).unwrap_or_default());
     }
     candidates.into_iter().find_map(|img| {
         parts(&img)

@@ -1000,15 +1000,7 @@ fn add_shadowstorage(
 fn list_shadowstorage(volume: Option<PathBuf>, json: bool) -> Result<()> {
     let images: Vec<PathBuf> = match volume {
         Some(v) => vec![v],
-        None => std::fs::read_dir(".")?
-            .flatten()
-            .filter_map(|e| {
-                let p = e.path();
-                let name = p.file_name()?.to_str()?.to_owned();
-                name.strip_suffix(".vshadow")
-                    .map(|img| p.with_file_name(img))
-            })
-            .collect(),
+        None => guard::volumes_in(Path::new("."))?,
     };
     #[derive(serde::Serialize)]
     struct Row {

@@ -640,12 +640,7 @@ pub(crate) fn recover(
 
 /// "chunk C (slot S) read by snapshots …" for error messages.
 fn describe(state: &State, v: VersionRecord) -> String {
-    let low = state.index.prev_tag(v.chunk, v.tag).unwrap_or(0);
-    let ids: Vec<String> = state
-        .snapshots
-        .range(low + 1..=v.tag)
-        .map(|(_, s)| Uuid::from_bytes(s.id).to_string())
-        .collect();
+    let ids: Vec<String> = state.readers(v).iter().map(Uuid::to_string).collect();
     format!(
         "chunk {} (slot {}) read by snapshot(s) {}",
         v.chunk,

@@ -128,6 +128,16 @@ impl State {
         self.index.drop_tag(seq, pred)
     }
 
+    /// The live snapshots that read version `v` (those after the
+    /// previous version of its chunk, up to its tag).
+    pub(crate) fn readers(&self, v: VersionRecord) -> Vec<Uuid> {
+        let low = self.index.prev_tag(v.chunk, v.tag).unwrap_or(0);
+        self.snapshots
+            .range(low + 1..=v.tag)
+            .map(|(_, s)| Uuid::from_bytes(s.id))
+            .collect()
+    }
+
     /// A usable snapshot: live and not in doubt.
     pub(crate) fn find(&self, id: Uuid) -> Result<u64> {
         let seq = self.find_any(id)?;

@@ -73,9 +73,9 @@ impl Volume {
     pub fn resolve_in_doubt(&self, set_id: Uuid, committed: bool) -> Result<()> {
         self.inner.check_ok()?;
         let closed = self.inner.gate.close(DEFAULT_HOLD)?;
-        let inner = &self.inner;
-        let mut st = inner.state_write();
-        let seq = st
+        let seq = self
+            .inner
+            .state_read()
             .in_doubt
             .values()
             .find(|d| d.set_id == *set_id.as_bytes())
@@ -83,15 +83,13 @@ impl Volume {
             .ok_or_else(|| {
                 Error::InvalidOptions(format!("no snapshot of set {set_id} is in doubt here"))
             })?;
+        // The gate stays closed, so nothing changes the state in between.
         if committed {
-            st.log(Record::SetCommit { seq })
-                .map_err(|e| inner.fail(e))?;
-            inner.flush_diff(&mut st)?;
-            st.in_doubt.remove(&seq);
+            self.inner.commit_held(&closed, seq)?;
             info!(%set_id, seq, "in-doubt set member kept: the set committed");
         } else {
             warn!(%set_id, seq, "in-doubt set member discarded: the set did not commit");
-            inner.delete_in_state(&mut st, seq, Some(&closed))?;
+            self.inner.delete_held(&closed, seq)?;
         }
         Ok(())
     }

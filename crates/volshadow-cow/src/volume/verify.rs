@@ -2,7 +2,6 @@
 //! the structures around them.
 
 use tracing::warn;
-use uuid::Uuid;
 use volshadow_block::BlockDevice;
 
 use crate::error::Result;
@@ -63,12 +62,7 @@ impl Volume {
                 .as_ref()
                 .is_some_and(|d| d.versions.contains(&(v.chunk, v.slot)));
             if !good || damaged {
-                let low = st.index.prev_tag(v.chunk, v.tag).unwrap_or(0);
-                let snapshots = st
-                    .snapshots
-                    .range(low + 1..=v.tag)
-                    .map(|(_, s)| Uuid::from_bytes(s.id))
-                    .collect();
+                let snapshots = st.readers(v);
                 warn!(
                     chunk = v.chunk,
                     slot = v.slot,
