@@ -327,15 +327,11 @@ fn a_diff_area_is_bound_to_its_origin_not_to_its_size() {
     Volume::open(b, bdiff).unwrap();
 }
 
-/// Issue: one 48 MiB write after a snapshot of a 64 MiB volume with a
-/// 64 MiB diff area: the batch outgrew a journal half, a compaction ran in
-/// its middle from an index without the batch, and 10 405 of 16 384 chunks
-/// of the snapshot read the new data.
-#[test]
-fn a_batch_larger_than_a_journal_half_keeps_every_record() {
-    let origin_len = 64 * MIB;
+/// A 64 MiB volume of 4 KiB chunks with 64 MiB of shadow storage, as the
+/// issue's reproductions used.
+fn sixty_four_mib() -> (Pair, Volume) {
     let pair = Pair {
-        origin: Arc::new(MemDevice::new(origin_len)),
+        origin: Arc::new(MemDevice::new(64 * MIB)),
         diff: Arc::new(MemDevice::new(Volume::diff_area_len_for(64 * MIB, CHUNK))),
     };
     let vol = Volume::create(
@@ -347,6 +343,17 @@ fn a_batch_larger_than_a_journal_half_keeps_every_record() {
         },
     )
     .unwrap();
+    (pair, vol)
+}
+
+/// Issue: one 48 MiB write after a snapshot of a 64 MiB volume with a
+/// 64 MiB diff area: the batch outgrew a journal half, a compaction ran in
+/// its middle from an index without the batch, and 10 405 of 16 384 chunks
+/// of the snapshot read the new data.
+#[test]
+fn a_batch_larger_than_a_journal_half_keeps_every_record() {
+    let origin_len = 64 * MIB;
+    let (pair, vol) = sixty_four_mib();
     vol.write_at(&vec![b'A'; origin_len as usize], 0).unwrap();
     let s = vol.create_snapshot(persistent()).unwrap();
     vol.write_at(&vec![b'B'; 48 << 20], 0).unwrap();
@@ -370,19 +377,7 @@ fn a_batch_larger_than_a_journal_half_keeps_every_record() {
 /// the next open failed with "durable mark beyond the record itself".
 #[test]
 fn many_small_first_writes_across_compactions_reopen() {
-    let pair = Pair {
-        origin: Arc::new(MemDevice::new(64 * MIB)),
-        diff: Arc::new(MemDevice::new(Volume::diff_area_len_for(64 * MIB, CHUNK))),
-    };
-    let vol = Volume::create(
-        pair.origin.clone(),
-        pair.diff.clone(),
-        VolumeOptions {
-            chunk_size: CHUNK,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (pair, vol) = sixty_four_mib();
     let s = vol.create_snapshot(persistent()).unwrap();
     let before = all(&vol);
     let chunks = (64 * MIB / CHUNK as u64) as usize;
