@@ -215,3 +215,28 @@ pub fn run(img: &Path, args: &BenchArgs) -> Result<BenchResult> {
         },
     })
 }
+
+/// `bench`: runs the loop and prints its result (one JSON line with `json`).
+pub fn report(volume: &Path, args: &BenchArgs, json: bool) -> Result<()> {
+    let r = run(volume, args)?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{}
+  {} ops of {} in {:.3} s: {:.1} MB/s, {:.0} IOPS
+  latency us: p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
+            r.target,
+            r.ops,
+            crate::ops::human_size(args.block_size),
+            r.seconds,
+            r.mb_per_s,
+            r.iops,
+            r.latency_us.p50,
+            r.latency_us.p90,
+            r.latency_us.p99,
+            r.latency_us.max
+        );
+    }
+    Ok(())
+}

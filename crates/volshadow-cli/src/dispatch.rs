@@ -1,0 +1,222 @@
+//! One dispatch from the clap tree to the verbs, and the helpers every
+//! verb prints through.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+
+use anyhow::{Result, bail};
+
+use crate::args::{AddWhat, Command, CreateWhat, DeleteWhat, ImageCommand, ListWhat, ResizeWhat};
+use crate::ops::{self, Reply, Request, Which};
+use crate::session::Session;
+use crate::verbs::{data, export, maintain, serve, shadows, shadowstorage};
+use crate::{bench, quickstart, vss};
+
+/// Runs one operation on the volume: through its server if one holds it,
+/// otherwise in-process. Shadow copies deleted to make room are told on
+/// stderr.
+pub fn on_volume(img: &Path, req: &Request, payload: &[u8]) -> Result<(Reply, Vec<u8>)> {
+    Session::new(img).call(req, payload)
+}
+
+pub(crate) fn print_reply(reply: &Reply, json: bool) -> Result<()> {
+    print_reply_with(reply, json, None)
+}
+
+/// With `auto_deleted` (verbs that write), `--json` gains an
+/// `"auto_deleted": [ids]` field: the shadow copies deleted to make room.
+pub(crate) fn print_reply_with(
+    reply: &Reply,
+    json: bool,
+    auto_deleted: Option<Vec<uuid::Uuid>>,
+) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let mut doc = serde_json::to_value(reply)?;
+        if let (Some(ids), Some(map)) = (auto_deleted, doc.as_object_mut()) {
+            map.insert("auto_deleted".into(), serde_json::to_value(ids)?);
+        }
+        serde_json::to_writer_pretty(&mut out, &doc)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", ops::render(reply))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    let template = if what == "exporting" || what == "preallocating" {
+        "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})"
+    } else {
+        "{msg} [{bar:40}] {pos}/{len} ({eta})"
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}
+
+pub(crate) fn run(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Image {
+            command: ImageCommand::Create { img, size },
+        } => shadowstorage::create_image(&img, size),
+        Command::Add {
+            what:
+                AddWhat::Shadowstorage {
+                    volume,
+                    diff,
+                    maxsize,
+                    chunk_size,
+                    preallocate,
+                    policy,
+                },
+        } => shadowstorage::add(
+            &volume,
+            &diff,
+            shadowstorage::StorageSpec {
+                maxsize,
+                chunk_size,
+                preallocate,
+            },
+            &policy,
+        ),
+        Command::Resize {
+            what:
+                ResizeWhat::Shadowstorage {
+                    volume,
+                    maxsize,
+                    policy,
+                },
+        } => shadowstorage::resize(&volume, maxsize, &policy),
+        Command::List { what } => match what {
+            ListWhat::Shadows { volume, json } => shadows::list(&volume, json),
+            ListWhat::Shadowstorage { volume, json } => shadowstorage::list(volume, json),
+            ListWhat::Writers { config, json } => vss::list_writers(&config, json),
+            ListWhat::Providers { json } => vss::list_providers(json),
+        },
+        Command::Create {
+            what:
+                CreateWhat::Shadow {
+                    volumes,
+                    persistent: _,
+                    non_persistent,
+                    json,
+                },
+        } => shadows::create(&volumes, !non_persistent, json),
+        Command::Delete {
+            what:
+                DeleteWhat::Shadows {
+                    volume,
+                    shadow,
+                    oldest,
+                    all,
+                },
+        } => {
+            let which = match (shadow, oldest, all) {
+                (Some(id), _, _) => Which::Id(id),
+                (None, true, _) => Which::Oldest,
+                (None, _, true) => Which::All,
+                _ => bail!("say which: --shadow ID, --oldest or --all"),
+            };
+            shadows::delete(&volume, which)
+        }
+        Command::Write {
+            volume,
+            offset,
+            input,
+            json,
+        } => data::write(&volume, offset, input.as_deref(), json),
+        Command::Read {
+            volume,
+            shadow,
+            offset,
+            length,
+            output,
+        } => data::read(
+            &volume,
+            shadow.as_deref(),
+            offset,
+            length,
+            output.as_deref(),
+        ),
+        Command::Diff {
+            volume,
+            from,
+            to,
+            json,
+        } => shadows::diff(&volume, from, to, json),
+        Command::Export {
+            volume,
+            shadow,
+            output,
+            since,
+            salvage,
+            json,
+        } => {
+            if salvage {
+                export::export_salvage(&volume, &shadow, &output, json)
+            } else {
+                export::export(&volume, &shadow, &output, since.as_deref(), json)
+            }
+        }
+        Command::Rebind { volume, on } => maintain::rebind(&volume, on.as_deref()),
+        Command::Revert {
+            volume,
+            shadow,
+            json,
+        } => maintain::revert(&volume, &shadow, json),
+        Command::Verify {
+            volume,
+            salvage,
+            json,
+        } => maintain::verify(&volume, salvage, json),
+        Command::Serve {
+            volume,
+            socket,
+            listen,
+        } => serve::serve(&volume, socket, listen),
+        Command::Quickstart { dir } => quickstart::run(dir),
+        Command::Bench {
+            volume,
+            pattern,
+            mode,
+            block_size,
+            depth,
+            count,
+            snapshot_first,
+            snapshots,
+            persistent,
+            raw,
+            from_snapshot,
+            seed,
+            json,
+        } => bench::report(
+            &volume,
+            &bench::BenchArgs {
+                pattern,
+                mode,
+                block_size,
+                depth,
+                count,
+                snapshots_first: snapshots.max(usize::from(snapshot_first)),
+                persistent,
+                raw,
+                from_snapshot,
+                seed,
+            },
+            json,
+        ),
+        Command::Backup { config } => vss::backup(&config).map(|_| ()),
+        Command::Restore {
+            config,
+            document,
+            component,
+        } => vss::restore(&config, &document, &component),
+    }
+}

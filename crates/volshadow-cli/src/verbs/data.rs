@@ -1,0 +1,77 @@
+//! `write` and `read`: bytes in and out of a volume, streamed.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use crate::guard;
+use crate::session::Session;
+
+/// `write`: streams a file (or stdin) into the live volume.
+pub(crate) fn write(volume: &Path, offset: u64, input: Option<&Path>, json: bool) -> Result<()> {
+    let mut session = Session::new(volume);
+    let written = match input {
+        Some(p) => {
+            let mut f =
+                std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
+            session.write_from(offset, &mut f)?
+        }
+        None => session.write_from(offset, &mut std::io::stdin().lock())?,
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "kind": "written",
+                "offset": offset,
+                "bytes": written,
+                "auto_deleted": session.auto_deleted_ids(),
+            }))?
+        );
+    } else {
+        eprintln!("Wrote {written} bytes at offset {offset}.");
+    }
+    Ok(())
+}
+
+/// `read`: streams the range to stdout or a file, piece by piece.
+pub(crate) fn read(
+    img: &Path,
+    shadow: Option<&str>,
+    offset: u64,
+    length: u64,
+    output: Option<&Path>,
+) -> Result<()> {
+    let mut session = Session::new(img);
+    match output {
+        Some(p) => {
+            guard::refuse_volume_file(p, &[img.to_path_buf()], "the read's output")?;
+            // Checked before the output is created or truncated, so a bad
+            // range leaves an existing file as it was.
+            let size = session.size()?;
+            if offset.checked_add(length).is_none_or(|end| end > size) {
+                bail!(
+                    "read of {length} bytes at offset {offset} is outside {} ({size} bytes)",
+                    img.display()
+                );
+            }
+            let f = std::fs::File::create(p).with_context(|| format!("writing {}", p.display()))?;
+            let mut w = std::io::BufWriter::new(f);
+            let done = session
+                .read_to(shadow, offset, length, &mut w)
+                .and_then(|()| {
+                    Ok(w.into_inner()
+                        .map_err(std::io::IntoInnerError::into_error)?
+                        .sync_all()?)
+                });
+            if let Err(e) = done {
+                // A cut-short file could pass for the data (a damaged chunk
+                // fails a read part way): leave none.
+                let _ = std::fs::remove_file(p);
+                return Err(e.context(format!("reading into {} (removed)", p.display())));
+            }
+        }
+        None => session.read_to(shadow, offset, length, &mut std::io::stdout().lock())?,
+    }
+    Ok(())
+}
