@@ -281,6 +281,207 @@ fn shadow_copy_sets_across_volumes() {
     }
 }
 
+/// A set across volumes some of which `serve` holds: the served ones take
+/// part through their servers (their clients keep writing until the
+/// hold), the rest are opened; one instant, one set id, all or nothing.
+#[cfg(unix)]
+#[test]
+fn shadow_copy_sets_reach_served_volumes_through_their_servers() {
+    let dir = volume("4M");
+    let d = dir.path();
+    for img in ["two.img", "three.img"] {
+        vs(d, &["image", "create", img, "--size", "4M"]);
+        let diff = img.replace(".img", ".diff");
+        vs(
+            d,
+            &[
+                "add",
+                "shadowstorage",
+                "--for",
+                img,
+                "--on",
+                &diff,
+                "--maxsize",
+                "8M",
+            ],
+        );
+    }
+    let imgs = ["disk.img", "two.img", "three.img"];
+    let before = pattern(1 << 20, 7);
+    write_file(d, "before.bin", &before);
+    for img in imgs {
+        vs(
+            d,
+            &[
+                "write",
+                "--for",
+                img,
+                "--offset",
+                "1M",
+                "--input",
+                "before.bin",
+            ],
+        );
+    }
+    let a = Server::start(d, "disk.img");
+    let b = Server::start_own(d, "two.img");
+
+    // Writers keep counting on both served volumes, a then b, each write
+    // durable before the next: any one instant sees a == b or a == b + 1.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let counting = {
+        let (sa, sb, stop) = (a.socket.clone(), b.socket.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut ca, mut cb) = (Raw::go(&sa, "live"), Raw::go(&sb, "live"));
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let mut block = vec![0u8; 4096];
+                block[..8].copy_from_slice(&n.to_le_bytes());
+                for c in [&mut ca, &mut cb] {
+                    let err = c
+                        .cmd(
+                            NBD_CMD_WRITE,
+                            NBD_CMD_FLAG_FUA,
+                            0,
+                            4096,
+                            &block,
+                            &mut Vec::new(),
+                        )
+                        .unwrap();
+                    assert_eq!(err, 0);
+                }
+            }
+            n
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut args = vec!["create", "shadow", "--json"];
+    for img in imgs {
+        args.extend(["--for", img]);
+    }
+    let set = json(d, &args);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let counted = counting.join().unwrap();
+    let set_id = set["set_id"].as_str().unwrap().to_string();
+    let shadows: Vec<String> = (0..3)
+        .map(|i| set["shadows"][i]["id"].as_str().unwrap().to_string())
+        .collect();
+    let counter = |img: &str, shadow: &str| {
+        let out = vs_raw(
+            d,
+            &[
+                "read", "--for", img, "--shadow", shadow, "--offset", "0", "--length", "8",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        u64::from_le_bytes(out.stdout[..8].try_into().unwrap())
+    };
+    let (ca, cb) = (
+        counter("disk.img", &shadows[0]),
+        counter("two.img", &shadows[1]),
+    );
+    assert!(
+        ca > 0 && ca < counted,
+        "the writers ran across the set ({ca} of {counted})"
+    );
+    assert!(ca == cb || ca == cb + 1, "one instant: a {ca}, b {cb}");
+
+    // New data everywhere; the shadow copies keep the old.
+    let after = pattern(1 << 20, 9);
+    write_file(d, "after.bin", &after);
+    for img in imgs {
+        vs(
+            d,
+            &[
+                "write",
+                "--for",
+                img,
+                "--offset",
+                "1M",
+                "--input",
+                "after.bin",
+            ],
+        );
+    }
+    let read = |img: &str, shadow: Option<&str>| {
+        let mut args = vec!["read", "--for", img, "--offset", "1M", "--length", "1M"];
+        if let Some(s) = shadow {
+            args.extend(["--shadow", s]);
+        }
+        let out = vs_raw(d, &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    for (img, shadow) in imgs.iter().zip(&shadows) {
+        assert!(
+            read(img, Some(shadow)) == before,
+            "{img}: the shadow copy kept its data"
+        );
+        assert!(read(img, None) == after, "{img}: live has the new data");
+        let s = json(d, &["list", "shadows", "--for", img, "--json"]);
+        assert_eq!(s["shadows"][0]["set_id"], set_id.as_str(), "{img}");
+    }
+
+    // Non-persistent: only where every member is served.
+    let np = json(
+        d,
+        &[
+            "create",
+            "shadow",
+            "--non-persistent",
+            "--json",
+            "--for",
+            "disk.img",
+            "--for",
+            "two.img",
+        ],
+    );
+    assert_eq!(np["shadows"].as_array().unwrap().len(), 2);
+    let msg = refused(
+        d,
+        &[
+            "create",
+            "shadow",
+            "--non-persistent",
+            "--for",
+            "disk.img",
+            "--for",
+            "three.img",
+        ],
+        1,
+    );
+    assert!(msg.contains("three.img"), "{msg}");
+    assert_eq!(
+        shadow_ids(d, "three.img").len(),
+        1,
+        "the refused set left nothing"
+    );
+    assert_eq!(
+        shadow_ids(d, "disk.img").len(),
+        2,
+        "the refused set left nothing"
+    );
+
+    // The persistent set outlives the servers; the non-persistent one ends with them.
+    drop((a, b));
+    for img in imgs {
+        let s = json(d, &["list", "shadows", "--for", img, "--json"]);
+        let rows = s["shadows"].as_array().unwrap();
+        assert_eq!(rows.len(), 1, "{img}: {rows:?}");
+        assert_eq!(rows[0]["set_id"], set_id.as_str(), "{img}");
+    }
+}
+
 #[test]
 fn quickstart_runs() {
     let dir = tempfile::tempdir().unwrap();

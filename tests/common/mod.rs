@@ -95,16 +95,27 @@ pub struct Server {
 
 impl Server {
     pub fn start(dir: &Path, img: &str) -> Server {
-        Self::start_with(dir, img, Stdio::null())
+        Self::start_with(dir, img, "nbd.sock", Stdio::null())
+    }
+
+    /// Like `start`, with an NBD socket of its own (`IMG.nbd.sock`), so
+    /// several servers can run in one directory.
+    pub fn start_own(dir: &Path, img: &str) -> Server {
+        Self::start_with(dir, img, &format!("{img}.nbd.sock"), Stdio::null())
     }
 
     /// Like `start`, with the server's stderr (its log) going to `log`.
     pub fn start_logged(dir: &Path, img: &str, log: &Path) -> Server {
-        Self::start_with(dir, img, std::fs::File::create(log).unwrap().into())
+        Self::start_with(
+            dir,
+            img,
+            "nbd.sock",
+            std::fs::File::create(log).unwrap().into(),
+        )
     }
 
-    fn start_with(dir: &Path, img: &str, stderr: Stdio) -> Server {
-        let socket = dir.join("nbd.sock");
+    fn start_with(dir: &Path, img: &str, socket: &str, stderr: Stdio) -> Server {
+        let socket = dir.join(socket);
         let child = Command::new(bin())
             .args(["serve", "--for", img, "--socket"])
             .arg(&socket)

@@ -1,8 +1,8 @@
 //! The control socket of `volshadow serve`: other invocations hand their
 //! operation to the server holding the volume instead of opening it.
 //!
-//! One request per connection: a JSON line, then `payload_len` raw bytes;
-//! the answer likewise (`{"ok": reply}` or `{"error": "..."}`, with the
+//! One request per connection (except a snapshot set's conversation,
+//! `member`): a JSON line, then `payload_len` raw bytes; the answer likewise (`{"ok": reply}` or `{"error": "..."}`, with the
 //! shadow copies the delete-oldest policy removed meanwhile). Every
 //! length a peer sends is checked before anything is allocated for it:
 //! the request line, the payload and a read's length are bounded, so
@@ -23,24 +23,24 @@ use crate::report::Reporter;
 
 #[cfg(unix)]
 #[derive(Debug, Serialize, Deserialize)]
-struct Envelope<T> {
+pub(crate) struct Envelope<T> {
     #[serde(skip_serializing_if = "Option::is_none")]
-    ok: Option<T>,
+    pub(crate) ok: Option<T>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-    payload_len: u64,
+    pub(crate) error: Option<String>,
+    pub(crate) payload_len: u64,
     /// Shadow copies deleted to make room while the request ran.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    auto_deleted: Vec<crate::ops::ShadowRow>,
+    pub(crate) auto_deleted: Vec<crate::ops::ShadowRow>,
 }
 
 /// Longest request line the server reads: requests are small JSON objects.
 #[cfg(unix)]
-const MAX_REQUEST_LINE: u64 = 64 << 10;
+pub(crate) const MAX_REQUEST_LINE: u64 = 64 << 10;
 /// Longest reply line a client reads (a diff of a large, fragmented volume
 /// lists many extents); a guard against a broken server, not a quota.
 #[cfg(unix)]
-const MAX_REPLY_LINE: u64 = 1 << 30;
+pub(crate) const MAX_REPLY_LINE: u64 = 1 << 30;
 /// Control connections served at once; more get "busy" rather than a
 /// thread and a buffer each.
 #[cfg(unix)]
@@ -51,7 +51,11 @@ const MAX_CONNECTIONS: usize = 32;
 const IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[cfg(unix)]
-fn send<T: Serialize>(w: &mut impl Write, env: &Envelope<T>, payload: &[u8]) -> Result<()> {
+pub(crate) fn send<T: Serialize>(
+    w: &mut impl Write,
+    env: &Envelope<T>,
+    payload: &[u8],
+) -> Result<()> {
     let mut line = serde_json::to_vec(env)?;
     line.push(b'\n');
     w.write_all(&line)?;
@@ -63,7 +67,7 @@ fn send<T: Serialize>(w: &mut impl Write, env: &Envelope<T>, payload: &[u8]) -> 
 /// Reads one envelope: a line of at most `max_line` bytes, then a payload
 /// of at most [`crate::ops::MAX_PIECE`] bytes.
 #[cfg(unix)]
-fn receive<T: for<'de> Deserialize<'de>>(
+pub(crate) fn receive<T: for<'de> Deserialize<'de>>(
     r: &mut impl BufRead,
     max_line: u64,
 ) -> Result<(Envelope<T>, Vec<u8>)> {
@@ -124,18 +128,64 @@ pub fn call(socket: &Path, req: &Request, payload: &[u8]) -> Result<Option<Answe
     }
 }
 
+/// A connection kept open for several requests: a snapshot set's
+/// conversation with a server.
+#[cfg(unix)]
+#[derive(Debug)]
+pub(crate) struct Connection {
+    stream: std::os::unix::net::UnixStream,
+    reader: BufReader<std::os::unix::net::UnixStream>,
+}
+
+#[cfg(unix)]
+impl Connection {
+    /// `None` when no server listens on `socket`.
+    pub(crate) fn open(socket: &Path) -> Result<Option<Self>> {
+        let Ok(stream) = std::os::unix::net::UnixStream::connect(socket) else {
+            return Ok(None);
+        };
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Some(Connection { stream, reader }))
+    }
+
+    /// One request and its answer; a refusal is an error.
+    pub(crate) fn call(&mut self, req: &Request) -> Result<crate::ops::Reply> {
+        send(
+            &mut &self.stream,
+            &Envelope {
+                ok: Some(req),
+                error: None,
+                payload_len: 0,
+                auto_deleted: Vec::new(),
+            },
+            &[],
+        )?;
+        let (env, _) = receive::<crate::ops::Reply>(&mut self.reader, MAX_REPLY_LINE)?;
+        match (env.ok, env.error) {
+            (Some(reply), _) => Ok(reply),
+            (None, Some(e)) => Err(anyhow!(e)),
+            (None, None) => bail!("the server sent an empty answer"),
+        }
+    }
+}
+
 #[cfg(not(unix))]
 pub fn call(_socket: &Path, _req: &Request, _payload: &[u8]) -> Result<Option<Answer>> {
     Ok(None)
 }
 
-/// Serves control requests for the reporter's volume until the process
-/// ends.
+/// Serves control requests for the reporter's volume (image `img`) until
+/// the process ends.
 #[cfg(unix)]
-pub fn serve(socket: &Path, reporter: std::sync::Arc<Reporter>) -> Result<()> {
+pub fn serve(img: &Path, reporter: std::sync::Arc<Reporter>) -> Result<()> {
     use std::os::unix::net::{UnixListener, UnixStream};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    let socket = &crate::storage::control_path(img);
+    let sets = Arc::new(crate::member::SetsInProgress::new(
+        img,
+        reporter.volume().clone(),
+    ));
     if UnixStream::connect(socket).is_ok() {
         bail!(
             "another server is already listening on {}",
@@ -162,11 +212,11 @@ pub fn serve(socket: &Path, reporter: std::sync::Arc<Reporter>) -> Result<()> {
                 );
                 continue;
             }
-            let (reporter, open) = (reporter.clone(), open.clone());
+            let (reporter, open, sets) = (reporter.clone(), open.clone(), sets.clone());
             let spawned = std::thread::Builder::new().spawn(move || {
                 let _ = stream.set_read_timeout(Some(IDLE));
                 let _ = stream.set_write_timeout(Some(IDLE));
-                if let Err(e) = handle(&reporter, &stream) {
+                if let Err(e) = handle(&reporter, &sets, &stream) {
                     tracing::warn!(error = %crate::one_line(&e), "control request failed");
                 }
                 open.fetch_sub(1, Ordering::AcqRel);
@@ -180,21 +230,24 @@ pub fn serve(socket: &Path, reporter: std::sync::Arc<Reporter>) -> Result<()> {
 }
 
 #[cfg(not(unix))]
-pub fn serve(_socket: &Path, _reporter: std::sync::Arc<Reporter>) -> Result<()> {
+pub fn serve(_img: &Path, _reporter: std::sync::Arc<Reporter>) -> Result<()> {
     Ok(())
 }
 
 #[cfg(unix)]
-fn handle(reporter: &Reporter, stream: &std::os::unix::net::UnixStream) -> Result<()> {
+fn handle(
+    reporter: &Reporter,
+    sets: &crate::member::SetsInProgress,
+    stream: &std::os::unix::net::UnixStream,
+) -> Result<()> {
     let mut w = stream;
-    let answer = receive::<Request>(&mut BufReader::new(stream), MAX_REQUEST_LINE).and_then(
-        |(env, payload)| {
-            let Some(req) = env.ok else {
-                bail!("request without an operation");
-            };
-            Ok((req, payload))
-        },
-    );
+    let mut r = BufReader::new(stream);
+    let answer = receive::<Request>(&mut r, MAX_REQUEST_LINE).and_then(|(env, payload)| {
+        let Some(req) = env.ok else {
+            bail!("request without an operation");
+        };
+        Ok((req, payload))
+    });
     let (req, payload) = match answer {
         Ok(r) => r,
         Err(e) => {
@@ -212,8 +265,19 @@ fn handle(reporter: &Reporter, stream: &std::os::unix::net::UnixStream) -> Resul
             return Err(e);
         }
     };
-    let (result, auto_deleted) =
-        reporter.during(|| crate::ops::execute(reporter.volume(), &req, &payload));
+    let (result, auto_deleted) = match req {
+        Request::SetJoin => return sets.converse(stream, &mut r),
+        Request::SetOutcome { set_id } if sets.contains(set_id) => (
+            Ok((
+                crate::ops::Reply::SetOutcome {
+                    outcome: crate::ops::SetOutcome::InProgress,
+                },
+                Vec::new(),
+            )),
+            Vec::new(),
+        ),
+        _ => reporter.during(|| crate::ops::execute(reporter.volume(), &req, &payload)),
+    };
     match result {
         Ok((reply, data)) => send(
             &mut w,

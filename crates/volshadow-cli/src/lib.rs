@@ -8,6 +8,8 @@ mod control;
 mod dispatch;
 mod exports;
 mod guard;
+#[cfg(unix)]
+mod member;
 mod ops;
 mod quickstart;
 mod report;

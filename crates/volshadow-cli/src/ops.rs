@@ -65,6 +65,43 @@ pub enum Request {
         max_bytes: u64,
         policy: Option<FullPolicy>,
     },
+    /// Whether snapshot set `set_id` committed on this volume, its decider.
+    SetOutcome {
+        set_id: Uuid,
+    },
+    /// Starts taking part in a snapshot set another process coordinates:
+    /// the rest of the connection is that conversation (`serve` only; see
+    /// `member`). Answered with `SetJoined`.
+    SetJoin,
+    /// Holds new writes for the set, draining those in flight.
+    SetHold {
+        set_id: Uuid,
+        timeout_ms: u64,
+    },
+    /// Takes this member's snapshot; with `pending`, in doubt.
+    SetPrepare {
+        persistent: bool,
+        attributes: u32,
+        pending: Option<Vec<(Uuid, String)>>,
+    },
+    SetCommit {
+        seq: u64,
+    },
+    SetAbandon {
+        seq: u64,
+    },
+    /// Lets writes go again and ends the conversation.
+    SetRelease,
+}
+
+/// What a set's decider says of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SetOutcome {
+    Committed,
+    NotCommitted,
+    /// Its creation is still under way here: ask again later.
+    InProgress,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -139,6 +176,15 @@ pub enum Reply {
     },
     Size {
         bytes: u64,
+    },
+    SetOutcome {
+        outcome: SetOutcome,
+    },
+    SetJoined {
+        volume_id: Uuid,
+    },
+    SetPrepared {
+        snapshot: SnapshotInfo,
     },
 }
 
@@ -292,6 +338,24 @@ pub fn execute(vol: &Volume, req: &Request, payload: &[u8]) -> Result<(Reply, Ve
             },
             Vec::new(),
         ),
+        Request::SetOutcome { set_id } => (
+            Reply::SetOutcome {
+                outcome: if volshadow_cow::SnapshotSet::committed_on(vol, *set_id) {
+                    SetOutcome::Committed
+                } else {
+                    SetOutcome::NotCommitted
+                },
+            },
+            Vec::new(),
+        ),
+        Request::SetJoin
+        | Request::SetHold { .. }
+        | Request::SetPrepare { .. }
+        | Request::SetCommit { .. }
+        | Request::SetAbandon { .. }
+        | Request::SetRelease => {
+            bail!("taking part in a snapshot set needs a server's control connection")
+        }
     })
 }
 
@@ -405,7 +469,11 @@ pub fn render(reply: &Reply) -> String {
             }
             out
         }
-        Reply::Data { .. } | Reply::Done => String::new(),
+        Reply::Data { .. }
+        | Reply::Done
+        | Reply::SetOutcome { .. }
+        | Reply::SetJoined { .. }
+        | Reply::SetPrepared { .. } => String::new(),
         Reply::Size { bytes } => format!("{bytes}\n"),
         Reply::Verify { report } => {
             let mut out = if report.mismatches.is_empty() {

@@ -12,10 +12,10 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use volshadow_block::{BlockDevice, FileImage, OpenOptions, open_device};
-use volshadow_cow::{OpenMode, SnapshotSet, Volume};
+use volshadow_cow::{InDoubtSet, OpenMode, SnapshotSet, Volume};
 
 use crate::control;
-use crate::ops::{Reply, Request};
+use crate::ops::{Reply, Request, SetOutcome};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Binding {
@@ -116,9 +116,10 @@ pub fn open_volume_with(img: &Path, mode: OpenMode) -> Result<Volume> {
 
 fn open_inner(img: &Path, mode: OpenMode, resolve: bool) -> Result<Volume> {
     let (mut binding, diff_path) = read_binding(img)?;
-    let origin: Arc<dyn BlockDevice> = Arc::from(open_device(img, &OpenOptions::new())?);
+    let origin: Arc<dyn BlockDevice> =
+        Arc::from(waiting_out_brief_use(|| open_device(img, &OpenOptions::new()))?);
     let diff: Arc<dyn BlockDevice> = Arc::new(
-        FileImage::open(&diff_path)
+        waiting_out_brief_use(|| FileImage::open(&diff_path))
             .with_context(|| format!("opening shadow storage {}", diff_path.display()))?,
     );
     // Checked before opening: recovery writes, and a refusal changes nothing.
@@ -157,58 +158,86 @@ fn open_inner(img: &Path, mode: OpenMode, resolve: bool) -> Result<Volume> {
     Ok(vol)
 }
 
-/// Settles each shadow copy of `vol` whose set's creation a crash cut:
-/// its decider (the set's first volume, found by the image path recorded
-/// with the set) has its shadow copy of the set exactly when the set
-/// committed. One line per settled copy; one that cannot be settled stays
-/// hidden, with a line saying why.
+/// How long an open waits for a volume another command (or a server
+/// settling a set) holds only briefly, before it says "in use".
+const BRIEF_USE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `open`, retried while its file is locked, up to [`BRIEF_USE`].
+fn waiting_out_brief_use<T>(
+    open: impl Fn() -> volshadow_block::Result<T>,
+) -> volshadow_block::Result<T> {
+    let deadline = std::time::Instant::now() + BRIEF_USE;
+    loop {
+        match open() {
+            Err(volshadow_block::Error::InUse { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Settles each shadow copy of `vol` whose set's creation a crash cut.
+/// One line per settled copy; one that cannot be settled stays hidden,
+/// with a line saying why.
 fn resolve_in_doubt(img: &Path, vol: &Volume) -> Result<()> {
     for d in vol.in_doubt_sets() {
-        let Some((decider_id, locator)) = d.members.first() else {
-            continue;
-        };
-        let decider = Path::new(locator);
-        let outcome = (|| -> Result<bool> {
-            if let Some(answer) = control::call(&control_path(decider), &Request::ListShadows, &[])?
-            {
-                return match answer.result?.0 {
-                    Reply::Shadows { shadows } => {
-                        Ok(shadows.iter().any(|s| s.set_id == Some(d.set_id)))
-                    }
-                    other => bail!("unexpected answer {other:?}"),
-                };
-            }
-            let dv = open_inner(decider, OpenMode::Normal, false)?;
-            if dv.id() != *decider_id {
-                bail!("{} now holds another volume", decider.display());
-            }
-            Ok(SnapshotSet::committed_on(&dv, d.set_id))
-        })();
-        match outcome {
-            Ok(committed) => {
-                vol.resolve_in_doubt(d.set_id, committed)?;
-                eprintln!(
-                    "volshadow: {}: shadow copy {} of set {} (cut by a crash) {}",
-                    img.display(),
-                    d.snapshot.id,
-                    d.set_id,
-                    if committed {
-                        "kept: the set committed"
-                    } else {
-                        "discarded: the set did not commit"
-                    }
-                );
-            }
+        match ask_decider(&d) {
+            Ok(committed) => settle(img, vol, &d, committed)?,
             Err(e) => eprintln!(
                 "volshadow: {}: shadow copy {} of set {} (cut by a crash) stays hidden: its first volume {} could not be asked ({})",
                 img.display(),
                 d.snapshot.id,
                 d.set_id,
-                decider.display(),
+                d.members.first().map_or("?", |m| m.1.as_str()),
                 crate::one_line(&e)
             ),
         }
     }
+    Ok(())
+}
+
+/// Whether the set of `d` committed: its decider (the set's first volume,
+/// found by the image path recorded with the set) has its shadow copy of
+/// the set exactly when the set committed. Asked through the decider's
+/// server when one runs (which says so while its part is under way), else
+/// by opening it.
+pub(crate) fn ask_decider(d: &InDoubtSet) -> Result<bool> {
+    let Some((decider_id, locator)) = d.members.first() else {
+        bail!("the set records no members");
+    };
+    let decider = Path::new(locator);
+    let ask = Request::SetOutcome { set_id: d.set_id };
+    if let Some(answer) = control::call(&control_path(decider), &ask, &[])? {
+        return match answer.result?.0 {
+            Reply::SetOutcome {
+                outcome: SetOutcome::InProgress,
+            } => bail!("its part of the set is still under way"),
+            Reply::SetOutcome { outcome } => Ok(outcome == SetOutcome::Committed),
+            other => bail!("unexpected answer {other:?}"),
+        };
+    }
+    let dv = open_inner(decider, OpenMode::Normal, false)?;
+    if dv.id() != *decider_id {
+        bail!("{} now holds another volume", decider.display());
+    }
+    Ok(SnapshotSet::committed_on(&dv, d.set_id))
+}
+
+/// Keeps or discards `d`'s shadow copy, and says which.
+pub(crate) fn settle(img: &Path, vol: &Volume, d: &InDoubtSet, committed: bool) -> Result<()> {
+    vol.resolve_in_doubt(d.set_id, committed)?;
+    eprintln!(
+        "volshadow: {}: shadow copy {} of set {} (cut by a crash) {}",
+        img.display(),
+        d.snapshot.id,
+        d.set_id,
+        if committed {
+            "kept: the set committed"
+        } else {
+            "discarded: the set did not commit"
+        }
+    );
     Ok(())
 }
 

@@ -82,6 +82,10 @@ pub enum Error {
         "snapshot {snapshot} belongs to set {set}, whose creation was cut by a crash; resolve the set first"
     )]
     SetInDoubt { snapshot: Uuid, set: Uuid },
+    /// A member of a snapshot set that another process holds failed a
+    /// step (or could not be reached).
+    #[error("set member {volume}: {reason}")]
+    SetMember { volume: Uuid, reason: String },
     /// `Volume::close` ran; the volume takes no more changes.
     #[error("the volume is closed")]
     Closed,

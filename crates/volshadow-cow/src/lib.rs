@@ -28,7 +28,7 @@ mod volume;
 pub use error::{Error, Result};
 pub use format::FullPolicy;
 pub use recovery::OpenMode;
-pub use set::{DEFAULT_HOLD_TIMEOUT, SnapshotSet};
+pub use set::{DEFAULT_HOLD_TIMEOUT, LocalMember, SetMember, SnapshotSet};
 pub use types::{
     DEFAULT_CHUNK_SIZE, DEFAULT_MAX_SNAPSHOTS, Extent, InDoubtSet, Mismatch, SnapshotInfo,
     SnapshotOptions, Target, Usage, VerifyReport, VolumeOptions, attributes,

@@ -11,12 +11,13 @@
 //! ([`SnapshotSet::resolve`]); until then the snapshot is hidden.
 //! Non-persistent sets need none of this: recovery drops them anyway.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::warn;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::gate::Closed;
 use crate::types::{SnapshotInfo, SnapshotOptions};
 use crate::volume::Volume;
 
@@ -57,21 +58,40 @@ impl SnapshotSet {
         options: SnapshotOptions,
         hold_timeout: Duration,
     ) -> Result<Self> {
-        if volumes.is_empty() {
+        let mut members: Vec<LocalMember<'_>> = volumes.iter().map(|v| v.set_member()).collect();
+        let mut refs: Vec<&mut dyn SetMember> = members
+            .iter_mut()
+            .map(|m| m as &mut dyn SetMember)
+            .collect();
+        Self::create_across(&mut refs, locators, options, hold_timeout)
+    }
+
+    /// The set protocol over any members: volumes opened here
+    /// ([`Volume::set_member`]) or held by other processes (a server's
+    /// member speaks for its volume). `members[0]` decides. The hold
+    /// timeout bounds everything from the first hold to the decider's
+    /// snapshot: past it, the set is abandoned and nothing is left.
+    pub fn create_across(
+        members: &mut [&mut dyn SetMember],
+        locators: &[String],
+        options: SnapshotOptions,
+        hold_timeout: Duration,
+    ) -> Result<Self> {
+        if members.is_empty() {
             return Err(Error::InvalidOptions(
                 "a snapshot set needs at least one volume".into(),
             ));
         }
-        if volumes.len() > MAX_MEMBERS || locators.iter().any(|l| l.len() > MAX_LOCATOR) {
+        if members.len() > MAX_MEMBERS || locators.iter().any(|l| l.len() > MAX_LOCATOR) {
             return Err(Error::InvalidOptions(format!(
                 "a snapshot set takes at most {MAX_MEMBERS} volumes, each locator at most {MAX_LOCATOR} bytes"
             )));
         }
-        for (i, v) in volumes.iter().enumerate() {
-            if volumes[..i].iter().any(|w| w.id() == v.id()) {
+        let ids: Vec<Uuid> = members.iter().map(|m| m.volume_id()).collect();
+        for (i, v) in ids.iter().enumerate() {
+            if ids[..i].contains(v) {
                 return Err(Error::InvalidOptions(format!(
-                    "volume {} is in the set twice",
-                    v.id()
+                    "volume {v} is in the set twice"
                 )));
             }
         }
@@ -80,23 +100,38 @@ impl SnapshotSet {
             set_id: Some(id),
             ..options
         };
-        let members: Vec<(Uuid, String)> = volumes
+        let roster: Vec<(Uuid, String)> = ids
             .iter()
             .enumerate()
-            .map(|(i, v)| (v.id(), locators.get(i).cloned().unwrap_or_default()))
+            .map(|(i, v)| (*v, locators.get(i).cloned().unwrap_or_default()))
             .collect();
-        let deadline = std::time::Instant::now() + hold_timeout;
-        let mut held = Vec::with_capacity(volumes.len());
-        for v in volumes {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            held.push(v.hold(left)?);
+        let deadline = Instant::now() + hold_timeout;
+        let outcome = Self::run_phases(members, &roster, &options, hold_timeout, deadline);
+        for m in members.iter_mut() {
+            m.release();
         }
-        let two_phase = options.persistent && volumes.len() > 1;
-        let mut made: Vec<Option<SnapshotInfo>> = vec![None; volumes.len()];
-        let abandon = |made: &[Option<SnapshotInfo>], e: Error| -> Error {
-            for ((w, c), info) in volumes.iter().zip(&held).zip(made) {
+        outcome.map(|snapshots| SnapshotSet { id, snapshots })
+    }
+
+    /// Holds every member, then the two phases; on failure, deletes what
+    /// was made. Members stay held: the caller releases them.
+    fn run_phases(
+        members: &mut [&mut dyn SetMember],
+        roster: &[(Uuid, String)],
+        options: &SnapshotOptions,
+        hold_timeout: Duration,
+        deadline: Instant,
+    ) -> Result<Vec<SnapshotInfo>> {
+        let set_id = options.set_id.unwrap_or_default();
+        for m in members.iter_mut() {
+            m.hold(set_id, deadline.saturating_duration_since(Instant::now()))?;
+        }
+        let two_phase = options.persistent && members.len() > 1;
+        let mut made: Vec<Option<SnapshotInfo>> = vec![None; members.len()];
+        let abandon = |members: &mut [&mut dyn SetMember], made: &[Option<SnapshotInfo>], e| {
+            for (m, info) in members.iter_mut().zip(made) {
                 if let Some(info) = info
-                    && let Err(del) = w.inner.delete_held(c, info.seq)
+                    && let Err(del) = m.abandon(info.seq)
                 {
                     warn!(error = %del, snapshot = %info.id, "could not delete a snapshot of a failed set");
                 }
@@ -104,34 +139,34 @@ impl SnapshotSet {
             e
         };
         // Phase one: the members other than the decider, in doubt.
-        for i in 1..volumes.len() {
-            let pending = two_phase.then_some((id, &members[..]));
-            match volumes[i].inner.create_held(&held[i], &options, pending) {
+        for i in 1..members.len() {
+            let pending = if two_phase { Some(roster) } else { None };
+            match members[i].prepare(options, pending) {
                 Ok(info) => made[i] = Some(info),
-                Err(e) => return Err(abandon(&made, e)),
+                Err(e) => return Err(abandon(members, &made, e)),
             }
         }
-        // Phase two: the decider; its snapshot existing is the commit.
-        match volumes[0].inner.create_held(&held[0], &options, None) {
+        // Phase two: the decider; its snapshot existing is the commit. A
+        // set whose hold ran out is not committed: writes were held too long.
+        if Instant::now() >= deadline {
+            return Err(abandon(members, &made, Error::Timeout(hold_timeout)));
+        }
+        match members[0].prepare(options, None) {
             Ok(info) => made[0] = Some(info),
-            Err(e) => return Err(abandon(&made, e)),
+            Err(e) => return Err(abandon(members, &made, e)),
         }
         // Phase three: the others learn the outcome. A failure here leaves
         // a member in doubt, which `resolve` settles as committed.
         if two_phase {
-            for i in 1..volumes.len() {
-                if let Some(info) = &made[i]
-                    && let Err(e) = volumes[i].inner.commit_held(&held[i], info.seq)
+            for (m, info) in members.iter_mut().zip(&made).skip(1) {
+                if let Some(info) = info
+                    && let Err(e) = m.commit(info.seq)
                 {
-                    warn!(error = %e, volume = %volumes[i].id(), "set committed, but a member could not record it; it resolves at its next open");
+                    warn!(error = %e, volume = %m.volume_id(), "set committed, but a member could not record it; it resolves at its next open");
                 }
             }
         }
-        drop(held);
-        Ok(SnapshotSet {
-            id,
-            snapshots: made.into_iter().flatten().collect(),
-        })
+        Ok(made.into_iter().flatten().collect())
     }
 
     /// Settles every snapshot in doubt on `volumes` whose set's decider is
@@ -160,5 +195,93 @@ impl SnapshotSet {
     /// committed.
     pub fn committed_on(decider: &Volume, set_id: Uuid) -> bool {
         decider.snapshots().iter().any(|s| s.set_id == Some(set_id))
+    }
+}
+
+/// One volume's part in a snapshot set, the steps
+/// [`SnapshotSet::create_across`] drives in order: `hold`, `prepare`, then
+/// `commit` (a member in doubt) or `abandon` (a failed set), and always
+/// `release`.
+pub trait SetMember {
+    /// The member's volume id.
+    fn volume_id(&self) -> Uuid;
+    /// Holds new writes and drains those in flight, waiting at most
+    /// `timeout`; for set `set_id`.
+    fn hold(&mut self, set_id: Uuid, timeout: Duration) -> Result<()>;
+    /// Takes the member's snapshot. With `pending` (every member, the
+    /// decider first) it is journaled in doubt until `commit`.
+    fn prepare(
+        &mut self,
+        options: &SnapshotOptions,
+        pending: Option<&[(Uuid, String)]>,
+    ) -> Result<SnapshotInfo>;
+    /// Records that the set committed.
+    fn commit(&mut self, seq: u64) -> Result<()>;
+    /// Deletes the snapshot `prepare` made.
+    fn abandon(&mut self, seq: u64) -> Result<()>;
+    /// Lets writes go again. Idempotent.
+    fn release(&mut self);
+}
+
+/// A volume opened in this process as a set member.
+pub struct LocalMember<'a> {
+    volume: &'a Volume,
+    held: Option<Closed<'a>>,
+}
+
+impl std::fmt::Debug for LocalMember<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalMember")
+            .field("volume", &self.volume.id())
+            .field("held", &self.held.is_some())
+            .finish()
+    }
+}
+
+impl<'a> LocalMember<'a> {
+    pub(crate) fn new(volume: &'a Volume) -> Self {
+        LocalMember { volume, held: None }
+    }
+
+    fn held(&self) -> Result<&Closed<'a>> {
+        self.held
+            .as_ref()
+            .ok_or_else(|| Error::InvalidOptions("a set member must be held first".into()))
+    }
+}
+
+impl SetMember for LocalMember<'_> {
+    fn volume_id(&self) -> Uuid {
+        self.volume.id()
+    }
+
+    fn hold(&mut self, _set_id: Uuid, timeout: Duration) -> Result<()> {
+        if self.held.is_none() {
+            self.held = Some(self.volume.hold(timeout)?);
+        }
+        Ok(())
+    }
+
+    fn prepare(
+        &mut self,
+        options: &SnapshotOptions,
+        pending: Option<&[(Uuid, String)]>,
+    ) -> Result<SnapshotInfo> {
+        let pending = pending.map(|m| (options.set_id.unwrap_or_default(), m));
+        self.volume
+            .inner
+            .create_held(self.held()?, options, pending)
+    }
+
+    fn commit(&mut self, seq: u64) -> Result<()> {
+        self.volume.inner.commit_held(self.held()?, seq)
+    }
+
+    fn abandon(&mut self, seq: u64) -> Result<()> {
+        self.volume.inner.delete_held(self.held()?, seq)
+    }
+
+    fn release(&mut self) {
+        self.held = None;
     }
 }

@@ -32,7 +32,7 @@ pub(crate) fn serve(img: &Path, socket: Option<PathBuf>, listen: Option<String>)
     }
     let vol = storage::open_volume(img)?;
     let reporter = Arc::new(report::Reporter::new(vol.clone()));
-    control::serve(&storage::control_path(img), reporter.clone())?;
+    control::serve(img, reporter.clone())?;
     std::thread::spawn(move || {
         loop {
             std::thread::sleep(REPORT_EVERY);

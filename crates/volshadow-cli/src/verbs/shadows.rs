@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use volshadow_cow::{SnapshotOptions, SnapshotSet, Volume};
+use volshadow_cow::{LocalMember, SetMember, SnapshotOptions, SnapshotSet, Volume};
 
 use crate::dispatch::{on_volume, print_reply, print_reply_with};
 use crate::ops::{Request, ShadowRow, Which};
@@ -29,15 +29,6 @@ pub(crate) fn create(volumes: &[PathBuf], persistent: bool, json: bool) -> Resul
         let (reply, _) = session.call(&req, &[])?;
         return print_reply_with(&reply, json, Some(session.auto_deleted_ids()));
     }
-    if !persistent {
-        bail!("shadow copy sets of several volumes are persistent");
-    }
-    // A set across volumes: every volume opened here, written all at once.
-    let vols: Vec<Volume> = volumes
-        .iter()
-        .map(|v| storage::open_volume(v).with_context(|| format!("opening {}", v.display())))
-        .collect::<Result<_>>()?;
-    let refs: Vec<&Volume> = vols.iter().collect();
     // Each member records where the others are, so one reopened after a
     // crash can ask the first whether the set committed.
     let locators: Vec<String> = volumes
@@ -49,12 +40,40 @@ pub(crate) fn create(volumes: &[PathBuf], persistent: bool, json: bool) -> Resul
                 .into_owned()
         })
         .collect();
-    let set = SnapshotSet::create_located(
-        &refs,
+    for (i, l) in locators.iter().enumerate() {
+        if locators[..i].contains(l) {
+            bail!("{} is in the set twice", volumes[i].display());
+        }
+    }
+    // A served volume takes part through its server (its clients keep
+    // going until the hold); the others are opened here.
+    let mut parts = Vec::with_capacity(volumes.len());
+    for v in volumes {
+        parts.push(Part::reach(v).with_context(|| format!("reaching {}", v.display()))?);
+    }
+    if !persistent
+        && let Some((v, _)) = volumes
+            .iter()
+            .zip(&parts)
+            .find(|(_, p)| matches!(p, Part::Opened(_)))
+    {
+        bail!(
+            "a non-persistent shadow copy lives only while `volshadow serve` holds the volume, and none holds {}; use --persistent",
+            v.display()
+        );
+    }
+    let mut members: Vec<Member<'_>> = parts.iter_mut().map(Part::member).collect();
+    let mut refs: Vec<&mut dyn SetMember> = members.iter_mut().map(Member::as_dyn).collect();
+    let set = SnapshotSet::create_across(
+        &mut refs,
         &locators,
         SnapshotOptions {
-            persistent: true,
-            attributes: volshadow_cow::attributes::CLIENT_ACCESSIBLE,
+            persistent,
+            attributes: if persistent {
+                volshadow_cow::attributes::CLIENT_ACCESSIBLE
+            } else {
+                0
+            },
             set_id: None,
         },
         volshadow_cow::DEFAULT_HOLD_TIMEOUT,
@@ -93,4 +112,46 @@ pub(crate) fn delete(volume: &Path, which: Which) -> Result<()> {
 pub(crate) fn diff(volume: &Path, from: String, to: Option<String>, json: bool) -> Result<()> {
     let (reply, _) = on_volume(volume, &Request::Diff { from, to }, &[])?;
     print_reply(&reply, json)
+}
+
+/// How this command reaches one member of a set.
+enum Part {
+    #[cfg(unix)]
+    Served(crate::member::RemoteMember),
+    Opened(Volume),
+}
+
+impl Part {
+    fn reach(img: &Path) -> Result<Self> {
+        #[cfg(unix)]
+        if let Some(m) = crate::member::RemoteMember::join(img)? {
+            return Ok(Part::Served(m));
+        }
+        Ok(Part::Opened(storage::open_volume(img)?))
+    }
+
+    fn member(&mut self) -> Member<'_> {
+        match self {
+            #[cfg(unix)]
+            Part::Served(m) => Member::Served(m),
+            Part::Opened(v) => Member::Opened(v.set_member()),
+        }
+    }
+}
+
+/// A set member, whichever way it is reached.
+enum Member<'a> {
+    #[cfg(unix)]
+    Served(&'a mut crate::member::RemoteMember),
+    Opened(LocalMember<'a>),
+}
+
+impl Member<'_> {
+    fn as_dyn(&mut self) -> &mut dyn SetMember {
+        match self {
+            #[cfg(unix)]
+            Member::Served(m) => *m,
+            Member::Opened(m) => m,
+        }
+    }
 }

@@ -404,6 +404,13 @@ impl Volume {
         self.inner.failed.load(Ordering::Acquire)
     }
 
+    /// This volume as a member of a snapshot set made across processes
+    /// ([`crate::SnapshotSet::create_across`]), e.g. by a server taking
+    /// part in a set another process coordinates.
+    pub fn set_member(&self) -> crate::set::LocalMember<'_> {
+        crate::set::LocalMember::new(self)
+    }
+
     /// Holds new writes and drains in-flight ones (bounded by `timeout`);
     /// used by snapshot sets.
     pub(crate) fn hold(&self, timeout: Duration) -> Result<Closed<'_>> {
