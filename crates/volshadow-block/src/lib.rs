@@ -74,10 +74,10 @@ pub trait BlockDevice: Send + Sync {
     /// Tells the device `len` bytes at `offset` are no longer needed; they
     /// read back as zeros afterwards.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
-    /// Which parts of `offset..offset + len` hold data: sorted, adjacent
-    /// [`Extent`]s covering the range exactly. `None` when the device
-    /// cannot tell (then everything counts as data). A range reported as a
-    /// hole reads as zeros.
+    /// The parts of `offset..offset + len` that may hold data: sorted,
+    /// disjoint, merged [`Extent`]s inside the range. The rest of the range
+    /// is holes, which read as zeros. `None` when the device cannot tell
+    /// (then everything counts as data).
     fn allocation(&self, offset: u64, len: u64) -> Result<Option<Vec<Extent>>> {
         let _ = (offset, len);
         Ok(None)
@@ -145,24 +145,29 @@ macro_rules! forward_block_device {
 }
 forward_block_device!(Arc<D>, Box<D>, &D);
 
-/// A byte range and whether it holds data (`false`: a hole, reads zeros).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A byte range of a device or a volume: what the allocation map, changed
+/// block tracking and the NBD server's block status all speak of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Extent {
     pub offset: u64,
     pub len: u64,
-    pub data: bool,
 }
 
-/// Appends an extent, merging it with the previous one when they touch
-/// and agree.
+impl Extent {
+    /// The first byte after the range.
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+/// Appends a range to ranges kept in order, merging it with the last one
+/// when they touch. Empty ranges are dropped.
 pub fn push_extent(out: &mut Vec<Extent>, e: Extent) {
     if e.len == 0 {
         return;
     }
     match out.last_mut() {
-        Some(last) if last.data == e.data && last.offset + last.len == e.offset => {
-            last.len += e.len
-        }
+        Some(last) if last.end() == e.offset => last.len += e.len,
         _ => out.push(e),
     }
 }

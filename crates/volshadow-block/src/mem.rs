@@ -143,14 +143,15 @@ impl BlockDevice for MemDevice {
                 .unwrap_or_else(PoisonError::into_inner)
                 .is_some();
             let _ = at;
-            crate::push_extent(
-                &mut out,
-                crate::Extent {
-                    offset: offset + pos as u64,
-                    len: n as u64,
-                    data,
-                },
-            );
+            if data {
+                crate::push_extent(
+                    &mut out,
+                    crate::Extent {
+                        offset: offset + pos as u64,
+                        len: n as u64,
+                    },
+                );
+            }
         }
         Ok(Some(out))
     }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use volshadow_cow::{Target, Volume};
+use volshadow_cow::{Extent, Target, Volume};
 use volshadow_nbd::{ChangedFn, Export, Exports};
 
 use crate::ops::resolve;
@@ -20,9 +20,8 @@ impl VolumeExports {
     }
 }
 
-fn extents(vol: &Volume, from: uuid::Uuid, to: Target, off: u64, len: u64) -> Vec<(u64, u64)> {
+fn extents(vol: &Volume, from: uuid::Uuid, to: Target, off: u64, len: u64) -> Vec<Extent> {
     vol.changed_extents_in(from, to, off, len)
-        .map(|v| v.into_iter().map(|e| (e.offset, e.len)).collect())
         .unwrap_or_default()
 }
 

@@ -116,8 +116,9 @@ pub fn open_volume_with(img: &Path, mode: OpenMode) -> Result<Volume> {
 
 fn open_inner(img: &Path, mode: OpenMode, resolve: bool) -> Result<Volume> {
     let (mut binding, diff_path) = read_binding(img)?;
-    let origin: Arc<dyn BlockDevice> =
-        Arc::from(waiting_out_brief_use(|| open_device(img, &OpenOptions::new()))?);
+    let origin: Arc<dyn BlockDevice> = Arc::from(waiting_out_brief_use(|| {
+        open_device(img, &OpenOptions::new())
+    })?);
     let diff: Arc<dyn BlockDevice> = Arc::new(
         waiting_out_brief_use(|| FileImage::open(&diff_path))
             .with_context(|| format!("opening shadow storage {}", diff_path.display()))?,

@@ -30,8 +30,9 @@ pub use format::FullPolicy;
 pub use recovery::OpenMode;
 pub use set::{DEFAULT_HOLD_TIMEOUT, LocalMember, SetMember, SnapshotSet};
 pub use types::{
-    DEFAULT_CHUNK_SIZE, DEFAULT_MAX_SNAPSHOTS, Extent, InDoubtSet, Mismatch, SnapshotInfo,
-    SnapshotOptions, Target, Usage, VerifyReport, VolumeOptions, attributes,
+    DEFAULT_CHUNK_SIZE, DEFAULT_MAX_SNAPSHOTS, InDoubtSet, Mismatch, SnapshotInfo, SnapshotOptions,
+    Target, Usage, VerifyReport, VolumeOptions, attributes,
 };
 pub use view::SnapshotView;
+pub use volshadow_block::Extent;
 pub use volume::Volume;

@@ -159,13 +159,6 @@ pub enum Target {
     Live,
 }
 
-/// A byte range of the volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Extent {
-    pub offset: u64,
-    pub len: u64,
-}
-
 /// A preserved chunk whose bytes no longer match their hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mismatch {

@@ -52,7 +52,12 @@ impl Exports for Two {
         vec!["live".into(), "snap".into()]
     }
     fn open(&self, name: &str) -> Option<Export> {
-        let changed: crate::ChangedFn = Arc::new(|_, _| vec![(4096, 8192)]);
+        let changed: crate::ChangedFn = Arc::new(|_, _| {
+            vec![volshadow_block::Extent {
+                offset: 4096,
+                len: 8192,
+            }]
+        });
         match name {
             "" | "live" => Some(Export {
                 name: "live".into(),

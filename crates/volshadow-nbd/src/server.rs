@@ -7,14 +7,14 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::sync::Arc;
 
 use tracing::debug;
-use volshadow_block::BlockDevice;
+use volshadow_block::{BlockDevice, Extent};
 
 use crate::proto::*;
 use crate::transmission::{self, Negotiated};
 
 /// Produces the changed extents `(offset, len)` of an export within
 /// `(offset, len)`, sorted: a BLOCK_STATUS request asks for its range only.
-pub type ChangedFn = Arc<dyn Fn(u64, u64) -> Vec<(u64, u64)> + Send + Sync>;
+pub type ChangedFn = Arc<dyn Fn(u64, u64) -> Vec<Extent> + Send + Sync>;
 
 /// One export: a device and, optionally, its changed extents.
 #[derive(Clone)]

@@ -318,19 +318,13 @@ impl<'a, R: Read + Send, W: Write + Send> Connection<'a, R, W> {
         for id in &self.contexts {
             let descs: Vec<(u32, u32)> = match *id {
                 CONTEXT_ID_ALLOCATION => match self.export.device.allocation(off, len) {
-                    Ok(Some(ext)) => ext
-                        .iter()
-                        .map(|e: &Extent| {
-                            let flags = if e.data { 0 } else { STATE_HOLE | STATE_ZERO };
-                            (e.len as u32, flags)
-                        })
-                        .collect(),
+                    Ok(Some(data)) => descriptors(&data, off, len, 0, STATE_HOLE | STATE_ZERO),
                     Ok(None) => vec![(req.length, 0)],
                     Err(e) => return self.error(req, errno(&e), &e.to_string()),
                 },
                 _ => {
                     let changed = self.export.changed.as_ref().map(|f| f(off, len));
-                    changed_descriptors(&changed.unwrap_or_default(), off, len)
+                    descriptors(&changed.unwrap_or_default(), off, len, STATE_CHANGED, 0)
                 }
             };
             let take = if req.flags & CMD_FLAG_REQ_ONE != 0 {
@@ -410,8 +404,16 @@ impl Budget {
     }
 }
 
-/// Descriptors of `off..off+len` from sorted changed extents.
-fn changed_descriptors(changed: &[(u64, u64)], off: u64, len: u64) -> Vec<(u32, u32)> {
+/// Block status descriptors (length, flags) of `off..off+len`: `inside`
+/// over the sorted `extents`, `outside` elsewhere; touching descriptors
+/// with the same flags merged.
+fn descriptors(
+    extents: &[Extent],
+    off: u64,
+    len: u64,
+    inside: u32,
+    outside: u32,
+) -> Vec<(u32, u32)> {
     let end = off + len;
     let mut out: Vec<(u32, u32)> = Vec::new();
     let mut push = |n: u64, flag: u32| {
@@ -424,16 +426,16 @@ fn changed_descriptors(changed: &[(u64, u64)], off: u64, len: u64) -> Vec<(u32, 
         }
     };
     let mut at = off;
-    for &(s, l) in changed {
-        let (s, e) = (s.max(off), (s + l).min(end));
+    for x in extents {
+        let (s, e) = (x.offset.max(off), x.end().min(end));
         if s >= e {
             continue;
         }
-        push(s.saturating_sub(at), 0);
-        push(e - s.max(at), STATE_CHANGED);
+        push(s.saturating_sub(at), outside);
+        push(e - s.max(at), inside);
         at = e;
     }
-    push(end.saturating_sub(at), 0);
+    push(end.saturating_sub(at), outside);
     out
 }
 
@@ -442,13 +444,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn changed_descriptors_cover_the_range() {
-        let ch = [(4096u64, 4096u64), (16384, 8192)];
+    fn descriptors_cover_the_range() {
+        let ext = |offset, len| Extent { offset, len };
+        let ch = [ext(4096, 4096), ext(16384, 8192)];
         assert_eq!(
-            changed_descriptors(&ch, 0, 32768),
+            descriptors(&ch, 0, 32768, 1, 0),
             vec![(4096, 0), (4096, 1), (8192, 0), (8192, 1), (8192, 0)]
         );
-        assert_eq!(changed_descriptors(&ch, 6000, 100), vec![(100, 1)]);
-        assert_eq!(changed_descriptors(&[], 0, 10), vec![(10, 0)]);
+        assert_eq!(descriptors(&ch, 6000, 100, 1, 0), vec![(100, 1)]);
+        assert_eq!(descriptors(&[], 0, 10, 1, 0), vec![(10, 0)]);
+        // Holes outside the data: the allocation map's way round.
+        assert_eq!(
+            descriptors(&ch, 4096, 12288, 0, 3),
+            vec![(4096, 0), (8192, 3)]
+        );
     }
 }

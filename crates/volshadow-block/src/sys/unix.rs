@@ -148,14 +148,6 @@ pub(crate) fn allocation(
             }
             Err(e) => return Err(e.into()),
         };
-        crate::push_extent(
-            &mut out,
-            crate::Extent {
-                offset: pos,
-                len: data - pos,
-                data: false,
-            },
-        );
         if data >= end {
             break;
         }
@@ -168,7 +160,6 @@ pub(crate) fn allocation(
             crate::Extent {
                 offset: data,
                 len: hole - data,
-                data: true,
             },
         );
         pos = hole;

@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use volshadow_block::BlockDevice;
-use volshadow_cow::OpenMode;
+use volshadow_block::{BlockDevice, push_extent};
+use volshadow_cow::{Extent, OpenMode};
 
 use crate::dispatch::progress;
 use crate::ops::{self, Reply, Request};
@@ -29,7 +29,7 @@ pub(crate) fn export(
         other => bail!("unexpected answer {other:?} to a listing"),
     };
     let len = session.size()?;
-    let extents: Vec<(u64, u64)> = match since {
+    let extents: Vec<Extent> = match since {
         Some(base) => {
             if !output.exists() {
                 bail!(
@@ -42,13 +42,11 @@ pub(crate) fn export(
                 to: Some(id.to_string()),
             };
             match session.call(&req, &[])?.0 {
-                Reply::Extents { extents, .. } => {
-                    extents.into_iter().map(|e| (e.offset, e.len)).collect()
-                }
+                Reply::Extents { extents, .. } => extents,
                 other => bail!("unexpected answer {other:?} to a diff"),
             }
         }
-        None => vec![(0, len)],
+        None => vec![Extent { offset: 0, len }],
     };
     let out = match since {
         Some(_) => std::fs::OpenOptions::new().write(true).open(output),
@@ -70,15 +68,15 @@ pub(crate) fn export(
         }
         out.set_len(len)?;
     }
-    let total: u64 = extents.iter().map(|e| e.1).sum();
+    let total: u64 = extents.iter().map(|e| e.len).sum();
     let bar = progress(total, "exporting");
     let mut written = 0u64;
     let shadow_id = id.to_string();
     let copied = (|| -> Result<()> {
-        for &(off, elen) in &extents {
-            let mut at = off;
-            while at < off + elen {
-                let n = (off + elen - at).min(ops::PIECE);
+        for e in &extents {
+            let mut at = e.offset;
+            while at < e.end() {
+                let n = (e.end() - at).min(ops::PIECE);
                 let req = Request::Read {
                     shadow: Some(shadow_id.clone()),
                     offset: at,
@@ -152,7 +150,7 @@ pub(crate) fn export_salvage(img: &Path, shadow: &str, output: &Path, json: bool
     out.set_len(len)?;
     let bar = progress(len, "salvaging");
     let mut buf = vec![0u8; 1 << 20];
-    let mut lost: Vec<(u64, u64)> = Vec::new();
+    let mut lost: Vec<Extent> = Vec::new();
     let mut at = 0u64;
     while at < len {
         let n = (len - at).min(buf.len() as u64) as usize;
@@ -167,10 +165,13 @@ pub(crate) fn export_salvage(img: &Path, shadow: &str, output: &Path, json: bool
                 if view.read_at(&mut buf[k..k + m], c).is_ok() {
                     ok.push((c, m));
                 } else {
-                    match lost.last_mut() {
-                        Some(l) if l.0 + l.1 == c => l.1 += m as u64,
-                        _ => lost.push((c, m as u64)),
-                    }
+                    push_extent(
+                        &mut lost,
+                        Extent {
+                            offset: c,
+                            len: m as u64,
+                        },
+                    );
                 }
                 c += m as u64;
             }
@@ -187,12 +188,12 @@ pub(crate) fn export_salvage(img: &Path, shadow: &str, output: &Path, json: bool
     }
     out.sync_all()?;
     bar.finish_and_clear();
-    let lost_bytes: u64 = lost.iter().map(|l| l.1).sum();
+    let lost_bytes: u64 = lost.iter().map(|l| l.len).sum();
     if json {
         println!(
             "{}",
             serde_json::json!({"shadow": id, "output": output, "salvage": true,
-                "lost": lost.iter().map(|l| serde_json::json!({"offset": l.0, "len": l.1})).collect::<Vec<_>>(),
+                "lost": lost,
                 "lost_bytes": lost_bytes})
         );
     } else {
@@ -201,8 +202,11 @@ pub(crate) fn export_salvage(img: &Path, shadow: &str, output: &Path, json: bool
             output.display(),
             ops::human_size(lost_bytes)
         );
-        for (off, l) in lost.iter().take(20) {
-            println!("  lost: offset {off}, {l} bytes (zeros in the output)");
+        for l in lost.iter().take(20) {
+            println!(
+                "  lost: offset {}, {} bytes (zeros in the output)",
+                l.offset, l.len
+            );
         }
         if lost.len() > 20 {
             println!("  … and {} more ranges", lost.len() - 20);

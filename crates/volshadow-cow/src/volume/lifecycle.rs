@@ -13,8 +13,9 @@ use crate::format::{FullPolicy, InDoubtRecord, Record, SetMemberRecord, Snapshot
 use crate::gate::Closed;
 use crate::layout::runs;
 use crate::state::State;
-use crate::types::{Extent, InDoubtSet, SnapshotInfo, SnapshotOptions, Target, Usage, attributes};
+use crate::types::{InDoubtSet, SnapshotInfo, SnapshotOptions, Target, Usage, attributes};
 use crate::view::SnapshotView;
+use volshadow_block::Extent;
 
 use super::{AUTO_DELETED_KEPT, DEFAULT_HOLD, Inner, Volume};
 
@@ -241,21 +242,8 @@ impl Volume {
         let map = view
             .allocation(0, len)
             .map_err(Error::Block)?
-            .unwrap_or_else(|| {
-                vec![volshadow_block::Extent {
-                    offset: 0,
-                    len,
-                    data: true,
-                }]
-            });
-        Ok(map
-            .into_iter()
-            .filter(|e| e.data)
-            .map(|e| Extent {
-                offset: e.offset,
-                len: e.len,
-            })
-            .collect())
+            .unwrap_or_else(|| vec![Extent { offset: 0, len }]);
+        Ok(map)
     }
 }
 
@@ -264,13 +252,13 @@ impl Inner {
         let mut out: Vec<Extent> = Vec::new();
         for c in chunks {
             let (offset, len) = self.geo.chunk_range(c);
-            match out.last_mut() {
-                Some(e) if e.offset + e.len == offset => e.len += len as u64,
-                _ => out.push(Extent {
+            volshadow_block::push_extent(
+                &mut out,
+                Extent {
                     offset,
                     len: len as u64,
-                }),
-            }
+                },
+            );
         }
         out
     }

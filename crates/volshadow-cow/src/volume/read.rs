@@ -20,7 +20,7 @@ impl Inner {
         offset: u64,
         len: u64,
     ) -> Result<Option<Vec<volshadow_block::Extent>>> {
-        use volshadow_block::{Extent as BExtent, push_extent};
+        use volshadow_block::{Extent, push_extent};
         let mut out = Vec::new();
         if len == 0 {
             return Ok(Some(out));
@@ -44,10 +44,9 @@ impl Inner {
             if kind {
                 push_extent(
                     &mut out,
-                    BExtent {
+                    Extent {
                         offset: lo,
                         len: hi - lo,
-                        data: true,
                     },
                 );
             } else {
