@@ -24,9 +24,9 @@ mod raw;
 #[allow(unsafe_code)]
 mod sys;
 
-#[cfg(feature = "faulty")]
+#[cfg(feature = "testing")]
 pub mod conformance;
-#[cfg(feature = "faulty")]
+#[cfg(feature = "testing")]
 mod faulty;
 
 pub use error::{Error, Op, Result};
@@ -36,7 +36,7 @@ pub use mem::MemDevice;
 pub use open::{DeviceKind, OpenOptions, device_kind, open_device};
 pub use raw::RawVolume;
 
-#[cfg(feature = "faulty")]
+#[cfg(feature = "testing")]
 pub use faulty::{Fault, FaultAction, FaultError, FaultyDevice, OpKind, OpRecord, PowerCut};
 
 use std::sync::Arc;

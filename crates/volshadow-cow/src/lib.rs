@@ -11,7 +11,13 @@
 mod bitmap;
 mod commit;
 mod error;
+/// The on-disk structures, public only for the corruption tests (feature
+/// `testing`).
+#[cfg(feature = "testing")]
 pub mod format;
+#[cfg(not(feature = "testing"))]
+mod format;
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod fuzzing;
 mod gate;

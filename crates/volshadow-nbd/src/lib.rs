@@ -8,6 +8,7 @@
 //! one connection run concurrently on a few workers (`transmission`).
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod proto;
