@@ -125,7 +125,7 @@ fn first_write(c: &mut Criterion) {
                     let mut t = Duration::ZERO;
                     let buf = vec![1u8; bs as usize];
                     let blocks = (mb << 20) / bs;
-                    let mut x = 12345u64;
+                    let mut rng = volshadow::block::conformance::Rng::new(12345);
                     for _ in 0..iters {
                         for s in vol.snapshots() {
                             vol.delete_snapshot(s.id).unwrap();
@@ -135,14 +135,7 @@ fn first_write(c: &mut Criterion) {
                         }
                         let t0 = Instant::now();
                         for i in 0..count {
-                            let blk = if bs == 4096 {
-                                x = x
-                                    .wrapping_mul(6364136223846793005)
-                                    .wrapping_add(1442695040888963407);
-                                (x >> 33) % blocks
-                            } else {
-                                i
-                            };
+                            let blk = if bs == 4096 { rng.below(blocks) } else { i };
                             vol.write_at(&buf, blk * bs).unwrap();
                         }
                         vol.flush().unwrap();

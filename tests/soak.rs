@@ -58,6 +58,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use common::*;
+use volshadow_block::conformance::{self, mix64};
 
 const IMG: &str = "disk.img";
 const BLOCK: usize = 4096;
@@ -85,32 +86,19 @@ const DEFAULT_SECS: u64 = 50;
 
 // ---------------------------------------------------------------- data
 
-const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
-
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 #[derive(Debug, Clone)]
-struct Rng(u64);
+struct Rng(conformance::Rng);
 
 impl Rng {
     /// A generator for one part (`role`, `round`) of the run `seed`.
     fn new(seed: u64, role: u64, round: u64) -> Rng {
-        Rng(mix(
-            seed ^ mix(role.wrapping_mul(GOLDEN) ^ round.rotate_left(32))
-        ))
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(GOLDEN);
-        mix(self.0)
+        Rng(conformance::Rng::new(mix64(
+            seed ^ mix64(role ^ round.rotate_left(32)),
+        )))
     }
 
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.0.below(n)
     }
 
     fn range(&mut self, lo: u64, hi: u64) -> u64 {
@@ -138,11 +126,7 @@ fn fill_block(out: &mut [u8], id: u32, blk: u32) {
     out[4..8].copy_from_slice(&id.to_le_bytes());
     out[8..12].copy_from_slice(&blk.to_le_bytes());
     out[12..16].copy_from_slice(&(id ^ blk ^ 0x5a5a_5a5a).to_le_bytes());
-    let mut s = (u64::from(id) << 32) | u64::from(blk);
-    for c in out[16..BLOCK].chunks_exact_mut(8) {
-        s = s.wrapping_add(GOLDEN);
-        c.copy_from_slice(&mix(s).to_le_bytes());
-    }
+    conformance::Rng::new((u64::from(id) << 32) | u64::from(blk)).fill(&mut out[16..BLOCK]);
 }
 
 /// The write a block read back at `blk` came from: 0 for zeros (never
@@ -1350,7 +1334,7 @@ fn serve_survives_sigkill_under_writers_and_shadow_churn() {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap();
-        mix(t.as_nanos() as u64) % 1_000_000
+        mix64(t.as_nanos() as u64) % 1_000_000
     });
     let chunk = std::env::var("VOLSHADOW_SOAK_CHUNK")
         .unwrap_or_else(|_| if seed.is_multiple_of(2) { "4K" } else { "16K" }.to_string());

@@ -38,9 +38,20 @@ pub fn run_all(dev: &dyn BlockDevice) -> Vec<(&'static str, String)> {
         .collect()
 }
 
-/// splitmix64: deterministic data and offsets without a dependency.
+/// splitmix64: deterministic data and offsets without a dependency; the
+/// one generator of every test, harness and benchmark.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
+
+/// splitmix64's increment.
+const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// splitmix64's finaliser: a well-spread 64-bit hash of `z`.
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
@@ -48,11 +59,8 @@ impl Rng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0 = self.0.wrapping_add(GOLDEN);
+        mix64(self.0)
     }
 
     /// Uniform in `0..n` (n > 0).

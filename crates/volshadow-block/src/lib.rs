@@ -41,6 +41,10 @@ pub use faulty::{Fault, FaultAction, FaultError, FaultyDevice, OpKind, OpRecord,
 
 use std::sync::Arc;
 
+/// Bytes of zeros written at a time where zeros are written out
+/// (`write_zeroes`, a discard without hole punching).
+pub(crate) const ZERO_RUN: u64 = 1 << 20;
+
 /// A random-access block device shared by many threads.
 ///
 /// Contract for every implementation (checked by [`conformance`]):
@@ -57,9 +61,6 @@ use std::sync::Arc;
 ///
 /// Offsets and lengths need not be aligned to `block_size`; backends that
 /// need alignment (O_DIRECT, `FILE_FLAG_NO_BUFFERING`) bounce internally.
-/// Bytes of zeros written at a time by `write_zeroes`.
-const ZERO_RUN: u64 = 1 << 20;
-
 pub trait BlockDevice: Send + Sync {
     /// Size in bytes.
     fn len(&self) -> u64;
@@ -82,7 +83,6 @@ pub trait BlockDevice: Send + Sync {
         let _ = (offset, len);
         Ok(None)
     }
-    /// True for devices that refuse writes.
     /// Writes `len` zero bytes at `offset` (allocated, unlike `discard`),
     /// a megabyte at a time through `write_at`; backends with a cheaper way
     /// override it.
@@ -106,6 +106,7 @@ pub trait BlockDevice: Send + Sync {
         None
     }
 
+    /// True for devices that refuse writes.
     fn is_read_only(&self) -> bool {
         false
     }

@@ -11,9 +11,6 @@ use crate::align::{AlignedBuf, is_aligned, widen};
 use crate::file::lock_file;
 use crate::{BlockDevice, Error, Op, OpenOptions, Result, check_range, sys};
 
-/// Largest bounce buffer used for one step of a zero-fill.
-const ZERO_RUN: u64 = 1 << 20;
-
 /// A block device or volume handle. With unbuffered I/O (`O_DIRECT`, or
 /// always on Windows: `FILE_FLAG_NO_BUFFERING | FILE_FLAG_WRITE_THROUGH`)
 /// requests whose buffer, offset or length are not sector-aligned go through
@@ -214,7 +211,7 @@ impl BlockDevice for RawVolume {
         if punched {
             return Ok(());
         }
-        let step = ZERO_RUN.min(len) as usize;
+        let step = crate::ZERO_RUN.min(len) as usize;
         let zeros = AlignedBuf::new(step, self.align.max(1) as usize);
         let mut at = offset;
         while at < offset + len {

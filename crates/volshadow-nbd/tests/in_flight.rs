@@ -167,12 +167,9 @@ fn pipelined_large_writes_and_reads_land_exactly() {
     let (c, server) = connect(dev.clone());
     // Each block written once, in a shuffled order, all pipelined.
     let mut order: Vec<usize> = (0..BLOCKS).collect();
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = volshadow_block::conformance::Rng::new(1);
     for i in (1..BLOCKS).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        order.swap(i, (x % (i as u64 + 1)) as usize);
+        order.swap(i, rng.below(i as u64 + 1) as usize);
     }
     let fill = |b: usize| -> Vec<u8> { (0..BLOCK).map(|i| (b * 31 + i / 512) as u8).collect() };
     let mut wr = c.try_clone().unwrap();
