@@ -307,22 +307,20 @@ fn shadow_copy_sets_reach_served_volumes_through_their_servers() {
         );
     }
     let imgs = ["disk.img", "two.img", "three.img"];
-    let before = pattern(1 << 20, 7);
-    write_file(d, "before.bin", &before);
-    for img in imgs {
-        vs(
-            d,
-            &[
-                "write",
-                "--for",
-                img,
-                "--offset",
-                "1M",
-                "--input",
-                "before.bin",
-            ],
-        );
-    }
+    // Writes `data` at 1 MiB of every volume (through a server where one runs).
+    let write_everywhere = |data: Vec<u8>| {
+        write_file(d, "data.bin", &data);
+        for img in imgs {
+            vs(
+                d,
+                &[
+                    "write", "--for", img, "--offset", "1M", "--input", "data.bin",
+                ],
+            );
+        }
+        data
+    };
+    let before = write_everywhere(pattern(1 << 20, 7));
     let a = Server::start(d, "disk.img");
     let b = Server::start_own(d, "two.img");
 
@@ -393,22 +391,7 @@ fn shadow_copy_sets_reach_served_volumes_through_their_servers() {
     assert!(ca == cb || ca == cb + 1, "one instant: a {ca}, b {cb}");
 
     // New data everywhere; the shadow copies keep the old.
-    let after = pattern(1 << 20, 9);
-    write_file(d, "after.bin", &after);
-    for img in imgs {
-        vs(
-            d,
-            &[
-                "write",
-                "--for",
-                img,
-                "--offset",
-                "1M",
-                "--input",
-                "after.bin",
-            ],
-        );
-    }
+    let after = write_everywhere(pattern(1 << 20, 9));
     let read = |img: &str, shadow: Option<&str>| {
         let mut args = vec!["read", "--for", img, "--offset", "1M", "--length", "1M"];
         if let Some(s) = shadow {
