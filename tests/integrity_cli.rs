@@ -254,7 +254,11 @@ fn a_killed_set_create_with_served_members_settles_whole_or_none() {
             kill_a_set_create(d, round * 3 + 1);
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             loop {
-                let (a, b) = (sets(d, "a.img"), sets(d, "b.img"));
+                // b first: a set b shows has committed on a by then (a
+                // decider's part may still finish after a kill, so a read
+                // of a before b could miss what b then shows).
+                let b = sets(d, "b.img");
+                let a = sets(d, "a.img");
                 assert!(
                     b.iter().all(|s| a.contains(s)),
                     "served {served}: b.img shows a set a.img (the decider) lacks: {a:?} {b:?}"

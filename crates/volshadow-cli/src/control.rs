@@ -8,7 +8,7 @@
 //! the request line, the payload and a read's length are bounded, so
 //! nothing a client sends can make the server allocate without limit.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 #[cfg(unix)]
@@ -19,7 +19,13 @@ use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 
 use crate::ops::{Answer, Request};
-use crate::report::Reporter;
+
+/// `IMG.vshadow.sock`: the control socket of a running `serve`.
+pub fn socket_path(img: &Path) -> PathBuf {
+    let mut s = img.as_os_str().to_owned();
+    s.push(".vshadow.sock");
+    PathBuf::from(s)
+}
 
 #[cfg(unix)]
 #[derive(Debug, Serialize, Deserialize)]
@@ -41,14 +47,6 @@ pub(crate) const MAX_REQUEST_LINE: u64 = 64 << 10;
 /// lists many extents); a guard against a broken server, not a quota.
 #[cfg(unix)]
 pub(crate) const MAX_REPLY_LINE: u64 = 1 << 30;
-/// Control connections served at once; more get "busy" rather than a
-/// thread and a buffer each.
-#[cfg(unix)]
-const MAX_CONNECTIONS: usize = 32;
-/// A client that sends nothing for this long is dropped, so idle
-/// connections cannot hold every slot.
-#[cfg(unix)]
-const IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[cfg(unix)]
 pub(crate) fn send<T: Serialize>(
@@ -92,14 +90,14 @@ pub(crate) fn receive<T: for<'de> Deserialize<'de>>(
     Ok((env, payload))
 }
 
-/// Sends `req` to the server on `socket`. `Ok(None)` when no server is
-/// listening there (a stale socket file), so the caller opens the volume.
+/// Sends `req` to the server holding `img`. `Ok(None)` when no server is
+/// listening (none, or a stale socket file), so the caller opens the volume.
 /// A refused request is an answer too (`result` holds the error), so the
 /// shadow copies deleted meanwhile are still told.
 #[cfg(unix)]
-pub fn call(socket: &Path, req: &Request, payload: &[u8]) -> Result<Option<Answer>> {
+pub fn call(img: &Path, req: &Request, payload: &[u8]) -> Result<Option<Answer>> {
     use std::os::unix::net::UnixStream;
-    let stream = match UnixStream::connect(socket) {
+    let stream = match UnixStream::connect(socket_path(img)) {
         Ok(s) => s,
         Err(_) => return Ok(None),
     };
@@ -139,9 +137,9 @@ pub(crate) struct Connection {
 
 #[cfg(unix)]
 impl Connection {
-    /// `None` when no server listens on `socket`.
-    pub(crate) fn open(socket: &Path) -> Result<Option<Self>> {
-        let Ok(stream) = std::os::unix::net::UnixStream::connect(socket) else {
+    /// `None` when no server holds `img`.
+    pub(crate) fn open(img: &Path) -> Result<Option<Self>> {
+        let Ok(stream) = std::os::unix::net::UnixStream::connect(socket_path(img)) else {
             return Ok(None);
         };
         let reader = BufReader::new(stream.try_clone()?);
@@ -170,134 +168,6 @@ impl Connection {
 }
 
 #[cfg(not(unix))]
-pub fn call(_socket: &Path, _req: &Request, _payload: &[u8]) -> Result<Option<Answer>> {
+pub fn call(_img: &Path, _req: &Request, _payload: &[u8]) -> Result<Option<Answer>> {
     Ok(None)
-}
-
-/// Serves control requests for the reporter's volume (image `img`) until
-/// the process ends.
-#[cfg(unix)]
-pub fn serve(img: &Path, reporter: std::sync::Arc<Reporter>) -> Result<()> {
-    use std::os::unix::net::{UnixListener, UnixStream};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let socket = &crate::storage::control_path(img);
-    let sets = Arc::new(crate::member::SetsInProgress::new(
-        img,
-        reporter.volume().clone(),
-    ));
-    if UnixStream::connect(socket).is_ok() {
-        bail!(
-            "another server is already listening on {}",
-            socket.display()
-        );
-    }
-    let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket)
-        .map_err(|e| anyhow!("cannot listen on {}: {e}", socket.display()))?;
-    let open = Arc::new(AtomicUsize::new(0));
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-                open.fetch_sub(1, Ordering::AcqRel);
-                let _ = send::<crate::ops::Reply>(
-                    &mut &stream,
-                    &Envelope {
-                        ok: None,
-                        error: Some("the server is busy; try again".into()),
-                        payload_len: 0,
-                        auto_deleted: Vec::new(),
-                    },
-                    &[],
-                );
-                continue;
-            }
-            let (reporter, open, sets) = (reporter.clone(), open.clone(), sets.clone());
-            let spawned = std::thread::Builder::new().spawn(move || {
-                let _ = stream.set_read_timeout(Some(IDLE));
-                let _ = stream.set_write_timeout(Some(IDLE));
-                if let Err(e) = handle(&reporter, &sets, &stream) {
-                    tracing::warn!(error = %crate::one_line(&e), "control request failed");
-                }
-                open.fetch_sub(1, Ordering::AcqRel);
-            });
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "cannot start a control thread");
-            }
-        }
-    });
-    Ok(())
-}
-
-#[cfg(not(unix))]
-pub fn serve(_img: &Path, _reporter: std::sync::Arc<Reporter>) -> Result<()> {
-    Ok(())
-}
-
-#[cfg(unix)]
-fn handle(
-    reporter: &Reporter,
-    sets: &crate::member::SetsInProgress,
-    stream: &std::os::unix::net::UnixStream,
-) -> Result<()> {
-    let mut w = stream;
-    let mut r = BufReader::new(stream);
-    let answer = receive::<Request>(&mut r, MAX_REQUEST_LINE).and_then(|(env, payload)| {
-        let Some(req) = env.ok else {
-            bail!("request without an operation");
-        };
-        Ok((req, payload))
-    });
-    let (req, payload) = match answer {
-        Ok(r) => r,
-        Err(e) => {
-            // Tell the client why, then log it.
-            let _ = send::<crate::ops::Reply>(
-                &mut w,
-                &Envelope {
-                    ok: None,
-                    error: Some(crate::one_line(&e)),
-                    payload_len: 0,
-                    auto_deleted: Vec::new(),
-                },
-                &[],
-            );
-            return Err(e);
-        }
-    };
-    let (result, auto_deleted) = match req {
-        Request::SetJoin => return sets.converse(stream, &mut r),
-        Request::SetOutcome { set_id } if sets.contains(set_id) => (
-            Ok((
-                crate::ops::Reply::SetOutcome {
-                    outcome: crate::ops::SetOutcome::InProgress,
-                },
-                Vec::new(),
-            )),
-            Vec::new(),
-        ),
-        _ => reporter.during(|| crate::ops::execute(reporter.volume(), &req, &payload)),
-    };
-    match result {
-        Ok((reply, data)) => send(
-            &mut w,
-            &Envelope {
-                ok: Some(reply),
-                error: None,
-                payload_len: data.len() as u64,
-                auto_deleted,
-            },
-            &data,
-        ),
-        Err(e) => send::<crate::ops::Reply>(
-            &mut w,
-            &Envelope {
-                ok: None,
-                error: Some(crate::one_line(&e)),
-                payload_len: 0,
-                auto_deleted,
-            },
-            &[],
-        ),
-    }
 }

@@ -1,65 +1,11 @@
-//! One dispatch from the clap tree to the verbs, and the helpers every
-//! verb prints through.
-
-use std::io::{IsTerminal, Write};
-use std::path::Path;
+//! One dispatch from the clap tree to the verbs.
 
 use anyhow::{Result, bail};
 
 use crate::args::{AddWhat, Command, CreateWhat, DeleteWhat, ImageCommand, ListWhat, ResizeWhat};
-use crate::ops::{self, Reply, Request, Which};
-use crate::session::Session;
+use crate::ops::Which;
 use crate::verbs::{data, export, maintain, serve, shadows, shadowstorage};
 use crate::{bench, quickstart, vss};
-
-/// Runs one operation on the volume: through its server if one holds it,
-/// otherwise in-process. Shadow copies deleted to make room are told on
-/// stderr.
-pub fn on_volume(img: &Path, req: &Request, payload: &[u8]) -> Result<(Reply, Vec<u8>)> {
-    Session::new(img).call(req, payload)
-}
-
-pub(crate) fn print_reply(reply: &Reply, json: bool) -> Result<()> {
-    print_reply_with(reply, json, None)
-}
-
-/// With `auto_deleted` (verbs that write), `--json` gains an
-/// `"auto_deleted": [ids]` field: the shadow copies deleted to make room.
-pub(crate) fn print_reply_with(
-    reply: &Reply,
-    json: bool,
-    auto_deleted: Option<Vec<uuid::Uuid>>,
-) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    if json {
-        let mut doc = serde_json::to_value(reply)?;
-        if let (Some(ids), Some(map)) = (auto_deleted, doc.as_object_mut()) {
-            map.insert("auto_deleted".into(), serde_json::to_value(ids)?);
-        }
-        serde_json::to_writer_pretty(&mut out, &doc)?;
-        writeln!(out)?;
-    } else {
-        write!(out, "{}", ops::render(reply))?;
-    }
-    Ok(())
-}
-
-pub(crate) fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    let template = if what == "exporting" || what == "preallocating" {
-        "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})"
-    } else {
-        "{msg} [{bar:40}] {pos}/{len} ({eta})"
-    };
-    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_message(what.to_string());
-    bar
-}
 
 pub(crate) fn run(cmd: Command) -> Result<()> {
     match cmd {

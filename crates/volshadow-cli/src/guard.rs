@@ -48,7 +48,7 @@ fn parts(img: &Path) -> Vec<(PathBuf, &'static str)> {
     let mut out = vec![
         (img.to_path_buf(), "image"),
         (storage::binding_path(img), "shadow-storage binding file"),
-        (storage::control_path(img), "control socket"),
+        (crate::control::socket_path(img), "control socket"),
     ];
     if let Ok((_, diff)) = storage::read_binding(img) {
         out.push((diff, "shadow storage (diff area)"));

@@ -5,12 +5,14 @@
 mod args;
 mod bench;
 mod control;
+mod control_server;
 mod dispatch;
 mod exports;
 mod guard;
 #[cfg(unix)]
 mod member;
 mod ops;
+mod output;
 mod quickstart;
 mod report;
 mod session;
@@ -24,8 +26,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use args::{Cli, Command};
-pub use dispatch::on_volume;
 pub use ops::{Reply, Request, ShadowRow, Which};
+pub use session::on_volume;
 pub use storage::{parse_positive_size, parse_size};
 
 /// An error and its causes on one line, each clause once. Errors shaped

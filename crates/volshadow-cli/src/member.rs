@@ -203,7 +203,7 @@ pub struct RemoteMember {
 impl RemoteMember {
     /// `None` when no server holds `img`.
     pub fn join(img: &Path) -> Result<Option<Self>> {
-        let Some(mut conn) = Connection::open(&crate::storage::control_path(img))? else {
+        let Some(mut conn) = Connection::open(img)? else {
             return Ok(None);
         };
         match conn.call(&Request::SetJoin)? {

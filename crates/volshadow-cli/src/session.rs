@@ -34,7 +34,7 @@ impl Session {
     pub fn call(&mut self, req: &Request, payload: &[u8]) -> Result<(Reply, Vec<u8>)> {
         let answer = match &self.local {
             Some(vol) => local(vol, req, payload),
-            None => match control::call(&storage::control_path(&self.img), req, payload)? {
+            None => match control::call(&self.img, req, payload)? {
                 Some(a) => a,
                 None => {
                     let vol = storage::open_volume(&self.img)?;
@@ -161,4 +161,11 @@ fn local(vol: &Volume, req: &Request, payload: &[u8]) -> Answer {
         result,
         auto_deleted: report::taken(vol),
     }
+}
+
+/// Runs one operation on the volume: through its server if one holds it,
+/// otherwise in-process. Shadow copies deleted to make room are told on
+/// stderr.
+pub fn on_volume(img: &Path, req: &Request, payload: &[u8]) -> Result<(Reply, Vec<u8>)> {
+    Session::new(img).call(req, payload)
 }

@@ -35,13 +35,6 @@ pub fn binding_path(img: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// `IMG.vshadow.sock`: the control socket of a running `serve`.
-pub fn control_path(img: &Path) -> PathBuf {
-    let mut s = img.as_os_str().to_owned();
-    s.push(".vshadow.sock");
-    PathBuf::from(s)
-}
-
 pub fn read_binding(img: &Path) -> Result<(Binding, PathBuf)> {
     let path = binding_path(img);
     let text = std::fs::read_to_string(&path).with_context(|| {
@@ -209,7 +202,7 @@ pub(crate) fn ask_decider(d: &InDoubtSet) -> Result<bool> {
     };
     let decider = Path::new(locator);
     let ask = Request::SetOutcome { set_id: d.set_id };
-    if let Some(answer) = control::call(&control_path(decider), &ask, &[])? {
+    if let Some(answer) = control::call(decider, &ask, &[])? {
         return match answer.result?.0 {
             Reply::SetOutcome {
                 outcome: SetOutcome::InProgress,

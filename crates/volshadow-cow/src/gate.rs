@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
+/// VSS's write-hold limit: the longest writes are held for a snapshot.
+pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Default)]
 struct GateState {
     inside: usize,

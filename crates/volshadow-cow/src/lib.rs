@@ -33,8 +33,9 @@ mod volume;
 
 pub use error::{Error, Result};
 pub use format::FullPolicy;
+pub use gate::DEFAULT_HOLD_TIMEOUT;
 pub use recovery::OpenMode;
-pub use set::{DEFAULT_HOLD_TIMEOUT, LocalMember, SetMember, SnapshotSet};
+pub use set::{LocalMember, SetMember, SnapshotSet};
 pub use types::{
     DEFAULT_CHUNK_SIZE, DEFAULT_MAX_SNAPSHOTS, InDoubtSet, Mismatch, SnapshotInfo, SnapshotOptions,
     Target, Usage, VerifyReport, VolumeOptions, attributes,

@@ -21,9 +21,6 @@ use crate::gate::Closed;
 use crate::types::{SnapshotInfo, SnapshotOptions};
 use crate::volume::Volume;
 
-/// VSS's write-hold limit.
-pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Most members a set may have, and the longest locator of one.
 const MAX_MEMBERS: usize = 64;
 const MAX_LOCATOR: usize = 4096;
@@ -238,11 +235,19 @@ impl std::fmt::Debug for LocalMember<'_> {
     }
 }
 
-impl<'a> LocalMember<'a> {
-    pub(crate) fn new(volume: &'a Volume) -> Self {
-        LocalMember { volume, held: None }
+impl Volume {
+    /// This volume as a member of a snapshot set made across processes
+    /// ([`SnapshotSet::create_across`]), e.g. by a server taking part in a
+    /// set another process coordinates.
+    pub fn set_member(&self) -> LocalMember<'_> {
+        LocalMember {
+            volume: self,
+            held: None,
+        }
     }
+}
 
+impl<'a> LocalMember<'a> {
     fn held(&self) -> Result<&Closed<'a>> {
         self.held
             .as_ref()

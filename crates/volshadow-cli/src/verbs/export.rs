@@ -8,8 +8,8 @@ use anyhow::{Context, Result, bail};
 use volshadow_block::{BlockDevice, push_extent};
 use volshadow_cow::{Extent, OpenMode};
 
-use crate::dispatch::progress;
 use crate::ops::{self, Reply, Request};
+use crate::output::progress;
 use crate::session::Session;
 use crate::{guard, storage};
 

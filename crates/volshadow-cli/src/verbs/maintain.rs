@@ -8,8 +8,8 @@ use anyhow::{Context, Result, bail};
 use volshadow_block::{BlockDevice, FileImage, OpenOptions as BlockOpenOptions, open_device};
 use volshadow_cow::{OpenMode, Volume};
 
-use crate::dispatch::{print_reply, print_reply_with, progress};
 use crate::ops::{Reply, Request};
+use crate::output::{print_reply, print_reply_with, progress};
 use crate::session::Session;
 use crate::{control, guard, storage};
 
@@ -70,7 +70,7 @@ pub(crate) fn verify(volume: &Path, salvage: bool, json: bool) -> Result<()> {
     let served = if salvage {
         None
     } else {
-        control::call(&storage::control_path(volume), &Request::Verify, &[])?
+        control::call(volume, &Request::Verify, &[])?
     };
     let reply = match served {
         Some(answer) => answer.result?.0,

@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 
 use volshadow_cow::Volume;
 
-use crate::{control, exports, one_line, report, storage};
+use crate::{control, control_server, exports, one_line, report, storage};
 
 /// Deletions by NBD writes are logged within this long.
 const REPORT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
@@ -32,7 +32,7 @@ pub(crate) fn serve(img: &Path, socket: Option<PathBuf>, listen: Option<String>)
     }
     let vol = storage::open_volume(img)?;
     let reporter = Arc::new(report::Reporter::new(vol.clone()));
-    control::serve(img, reporter.clone())?;
+    control_server::serve(img, reporter.clone())?;
     std::thread::spawn(move || {
         loop {
             std::thread::sleep(REPORT_EVERY);
@@ -77,7 +77,7 @@ pub(crate) fn serve(img: &Path, socket: Option<PathBuf>, listen: Option<String>)
 /// Non-persistent shadow copies end with the process, as they would at a
 /// crash, and recovery releases them at the next open.
 fn stop_on_signal(img: &Path, vol: Volume, socket: Option<PathBuf>) -> Result<()> {
-    let control = storage::control_path(img);
+    let control = control::socket_path(img);
     ctrlc::set_handler(move || {
         eprintln!("volshadow: stopping: closing the volume");
         let code = match vol.close() {

@@ -5,22 +5,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use volshadow_cow::{LocalMember, SetMember, SnapshotOptions, SnapshotSet, Volume};
 
-use crate::dispatch::{on_volume, print_reply, print_reply_with};
 use crate::ops::{Request, ShadowRow, Which};
+use crate::output::{print_reply, print_reply_with};
 use crate::session::Session;
+use crate::session::on_volume;
 use crate::{control, storage};
 
 pub(crate) fn create(volumes: &[PathBuf], persistent: bool, json: bool) -> Result<()> {
     if volumes.len() == 1 {
         let req = Request::CreateShadow { persistent };
-        if !persistent
-            && control::call(
-                &storage::control_path(&volumes[0]),
-                &Request::ListShadows,
-                &[],
-            )?
-            .is_none()
-        {
+        if !persistent && control::call(&volumes[0], &Request::ListShadows, &[])?.is_none() {
             bail!(
                 "a non-persistent shadow copy lives only while `volshadow serve` holds the volume, and none does; use --persistent"
             );

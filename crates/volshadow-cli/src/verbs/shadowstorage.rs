@@ -10,9 +10,10 @@ use volshadow_block::{BlockDevice, FileImage, open_device};
 use volshadow_cow::{Volume, VolumeOptions};
 
 use crate::args::PolicyArgs;
-use crate::dispatch::{on_volume, print_reply, progress};
 use crate::ops::{self, Reply, Request};
+use crate::output::{print_reply, progress};
 use crate::session::Session;
+use crate::session::on_volume;
 use crate::{guard, storage};
 
 /// `image create`: a sparse raw image, never over a volume's own files.

@@ -47,7 +47,7 @@ const STRIPES: usize = 1024;
 const AUTO_DELETED_KEPT: usize = 1024;
 /// How long user operations wait for in-flight writes to drain: VSS's
 /// write-hold limit, as for sets.
-const DEFAULT_HOLD: Duration = crate::set::DEFAULT_HOLD_TIMEOUT;
+const DEFAULT_HOLD: Duration = crate::gate::DEFAULT_HOLD_TIMEOUT;
 
 pub(crate) struct Inner {
     pub(crate) origin: Arc<dyn BlockDevice>,
@@ -402,13 +402,6 @@ impl Volume {
     /// True after an I/O failure that needs a reopen.
     pub fn needs_recovery(&self) -> bool {
         self.inner.failed.load(Ordering::Acquire)
-    }
-
-    /// This volume as a member of a snapshot set made across processes
-    /// ([`crate::SnapshotSet::create_across`]), e.g. by a server taking
-    /// part in a set another process coordinates.
-    pub fn set_member(&self) -> crate::set::LocalMember<'_> {
-        crate::set::LocalMember::new(self)
     }
 
     /// Holds new writes and drains in-flight ones (bounded by `timeout`);

@@ -1,0 +1,50 @@
+//! How verbs print: a reply as text or JSON, and a progress bar on a
+//! terminal.
+
+use std::io::{IsTerminal, Write};
+
+use anyhow::Result;
+
+use crate::ops::{self, Reply};
+
+pub(crate) fn print_reply(reply: &Reply, json: bool) -> Result<()> {
+    print_reply_with(reply, json, None)
+}
+
+/// With `auto_deleted` (verbs that write), `--json` gains an
+/// `"auto_deleted": [ids]` field: the shadow copies deleted to make room.
+pub(crate) fn print_reply_with(
+    reply: &Reply,
+    json: bool,
+    auto_deleted: Option<Vec<uuid::Uuid>>,
+) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let mut doc = serde_json::to_value(reply)?;
+        if let (Some(ids), Some(map)) = (auto_deleted, doc.as_object_mut()) {
+            map.insert("auto_deleted".into(), serde_json::to_value(ids)?);
+        }
+        serde_json::to_writer_pretty(&mut out, &doc)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", ops::render(reply))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    let template = if what == "exporting" || what == "preallocating" {
+        "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})"
+    } else {
+        "{msg} [{bar:40}] {pos}/{len} ({eta})"
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}
