@@ -11,12 +11,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(13) ^ seed ^ (i >> 12) as u8)
-        .collect()
-}
-
 fn fails(dir: &Path, args: &[&str]) -> String {
     let out = vs_raw(dir, args);
     assert!(!out.status.success(), "volshadow {args:?} should fail");

@@ -11,10 +11,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i % 253) as u8).collect()
-}
-
 /// Skips (with a printed reason) unless all tools are present. CI installs
 /// them, so a skip there would show in the log.
 fn tools(names: &[&str]) -> bool {
@@ -34,7 +30,7 @@ fn real_clients_read_write_and_compare() {
     }
     let dir = volume("16M");
     let d = dir.path();
-    let data = pattern(4 << 20);
+    let data = pattern(4 << 20, 0);
     write_file(d, "data.bin", &data);
     vs(
         d,

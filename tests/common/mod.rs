@@ -5,6 +5,24 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// Bytes that differ from one offset to the next and with `seed`.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13) ^ seed ^ (i >> 12) as u8)
+        .collect()
+}
+
+/// Runs `volshadow ARGS`, which must fail with exit `code` and one line on
+/// stderr (never a panic); returns that line.
+pub fn refused(dir: &Path, args: &[&str], code: i32) -> String {
+    let out = vs_raw(dir, args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    err
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_volshadow")
 }
@@ -206,7 +224,7 @@ pub const NBD_CMD_FLAG_FUA: u16 = 1;
 
 /// A minimal NBD client over a Unix socket, speaking the protocol byte by
 /// byte: for hostile input (`tests/nbd.rs`) and for the soak test's
-/// writers and readers (`tests/soak.rs`). One request at a time, simple
+/// writers and readers (`tests/soak/`). One request at a time, simple
 /// replies.
 #[cfg(unix)]
 #[derive(Debug)]

@@ -106,7 +106,7 @@ fn choose_superblock(diff: &dyn BlockDevice) -> Result<(Superblock, Option<Strin
             .collect();
         let magic = copies
             .iter()
-            .any(|c| !matches!(c, Err(crate::format::SuperblockError::BadMagic)));
+            .any(|c| !matches!(c, Err(crate::format::SuperblockError::WrongMagic)));
         return Err(if magic {
             corrupt(
                 diff,

@@ -100,7 +100,7 @@ pub struct Request {
 /// Why bytes were not a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParseError {
-    BadMagic(u32),
+    WrongMagic(u32),
     Short,
 }
 
@@ -122,7 +122,7 @@ impl Request {
     pub fn parse(b: &[u8]) -> Result<Request, ParseError> {
         let magic = u32_at(b, 0).ok_or(ParseError::Short)?;
         if magic != REQUEST_MAGIC {
-            return Err(ParseError::BadMagic(magic));
+            return Err(ParseError::WrongMagic(magic));
         }
         Ok(Request {
             flags: u16_at(b, 4).ok_or(ParseError::Short)?,
@@ -202,7 +202,7 @@ mod tests {
         );
         assert_eq!(Request::parse(&b[..27]), Err(ParseError::Short));
         b[0] = 0;
-        assert!(matches!(Request::parse(&b), Err(ParseError::BadMagic(_))));
+        assert!(matches!(Request::parse(&b), Err(ParseError::WrongMagic(_))));
     }
 
     #[test]

@@ -138,7 +138,7 @@ mod tests {
         }
         assert_eq!(
             Superblock::decode(&bytes[..100]).unwrap_err(),
-            SuperblockError::BadMagic
+            SuperblockError::WrongMagic
         );
     }
 
@@ -191,7 +191,7 @@ mod tests {
             flipped[i] ^= 1;
             assert_eq!(
                 decode_record(&flipped, 4, 11, FORMAT_VERSION).unwrap_err(),
-                RecordEnd::BadChecksum,
+                RecordEnd::ChecksumMismatch,
                 "flip at {i}"
             );
         }

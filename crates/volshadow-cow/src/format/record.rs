@@ -152,7 +152,7 @@ pub enum RecordEnd {
     Truncated,
     /// Zero or oversized length.
     BadLength(u32),
-    BadChecksum,
+    ChecksumMismatch,
     /// A record of another epoch (left over from the half's earlier use).
     Stale {
         epoch: u64,
@@ -218,7 +218,7 @@ pub fn read_envelope(buf: &[u8], format: u32) -> Result<Envelope, RecordEnd> {
         return Err(RecordEnd::Truncated);
     }
     if crc32c::crc32c(&buf[8..end]) != word(4) {
-        return Err(RecordEnd::BadChecksum);
+        return Err(RecordEnd::ChecksumMismatch);
     }
     Ok(Envelope {
         len: end,

@@ -44,17 +44,17 @@ const SUPERBLOCK_V1_LEN: usize = 144;
 /// Why a superblock copy was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SuperblockError {
-    BadMagic,
-    BadChecksum,
-    BadField(&'static str),
+    WrongMagic,
+    ChecksumMismatch,
+    FieldOutOfRange(&'static str),
 }
 
 impl std::fmt::Display for SuperblockError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SuperblockError::BadMagic => f.write_str("bad magic"),
-            SuperblockError::BadChecksum => f.write_str("bad checksum"),
-            SuperblockError::BadField(name) => write!(f, "field {name} is out of range"),
+            SuperblockError::WrongMagic => f.write_str("bad magic"),
+            SuperblockError::ChecksumMismatch => f.write_str("bad checksum"),
+            SuperblockError::FieldOutOfRange(name) => write!(f, "field {name} is out of range"),
         }
     }
 }
@@ -121,10 +121,10 @@ impl Superblock {
     /// trust offsets without overflow.
     pub fn decode(bytes: &[u8]) -> Result<Self, SuperblockError> {
         let raw = RawSuperblock::ref_from_prefix(bytes)
-            .map_err(|_| SuperblockError::BadMagic)?
+            .map_err(|_| SuperblockError::WrongMagic)?
             .0;
         if raw.magic != MAGIC {
-            return Err(SuperblockError::BadMagic);
+            return Err(SuperblockError::WrongMagic);
         }
         let version = raw.version.get();
         let (span, len, crc) = if version == 1 {
@@ -135,10 +135,10 @@ impl Superblock {
             (SUPERBLOCK_CRC_SPAN, SUPERBLOCK_LEN, raw.crc.get())
         };
         if crc32c::crc32c(&raw.as_bytes()[..span]) != crc {
-            return Err(SuperblockError::BadChecksum);
+            return Err(SuperblockError::ChecksumMismatch);
         }
         if raw.header_len.get() as usize != len {
-            return Err(SuperblockError::BadField("header_len"));
+            return Err(SuperblockError::FieldOutOfRange("header_len"));
         }
         let sb = Superblock {
             version: raw.version.get(),
@@ -167,50 +167,50 @@ impl Superblock {
     }
 
     fn check(&self) -> Result<(), SuperblockError> {
-        use SuperblockError::BadField;
+        use SuperblockError::FieldOutOfRange;
         if self.version == 0 {
-            return Err(BadField("version"));
+            return Err(FieldOutOfRange("version"));
         }
         let cs = self.chunk_size;
         if !cs.is_power_of_two() || !(4096..=1 << 20).contains(&cs) {
-            return Err(BadField("chunk_size"));
+            return Err(FieldOutOfRange("chunk_size"));
         }
         if self.active_half > 1 {
-            return Err(BadField("active_half"));
+            return Err(FieldOutOfRange("active_half"));
         }
         if self.journal_offset != 2 * SUPERBLOCK_SLOT {
-            return Err(BadField("journal_offset"));
+            return Err(FieldOutOfRange("journal_offset"));
         }
         let journal_end = self
             .journal_half
             .checked_mul(2)
             .and_then(|j| j.checked_add(self.journal_offset))
-            .ok_or(BadField("journal_half"))?;
+            .ok_or(FieldOutOfRange("journal_half"))?;
         if self.journal_half < 4096 || self.hash_offset < journal_end {
-            return Err(BadField("hash_offset"));
+            return Err(FieldOutOfRange("hash_offset"));
         }
         let hash_end = self
             .slots
             .checked_mul(HASH_LEN)
             .and_then(|h| h.checked_add(self.hash_offset))
-            .ok_or(BadField("slots"))?;
+            .ok_or(FieldOutOfRange("slots"))?;
         if self.data_offset < hash_end {
-            return Err(BadField("data_offset"));
+            return Err(FieldOutOfRange("data_offset"));
         }
         let data_end = self
             .slots
             .checked_mul(cs as u64)
             .and_then(|d| d.checked_add(self.data_offset))
-            .ok_or(BadField("slots"))?;
+            .ok_or(FieldOutOfRange("slots"))?;
         if data_end > self.diff_len {
-            return Err(BadField("diff_len"));
+            return Err(FieldOutOfRange("diff_len"));
         }
         if self.slots > u32::MAX as u64 {
-            return Err(BadField("slots"));
+            return Err(FieldOutOfRange("slots"));
         }
         let chunks = self.origin_len.div_ceil(cs as u64);
         if self.origin_len == 0 || chunks > u32::MAX as u64 {
-            return Err(BadField("origin_len"));
+            return Err(FieldOutOfRange("origin_len"));
         }
         Ok(())
     }

@@ -4,7 +4,7 @@
 //! count the power goes off for both and stays off; a power cut then
 //! decides what of the unflushed writes reached the media.
 //!
-//! Used by every crash harness: `crash.rs`, `crash_concurrent.rs` and
+//! Used by every crash harness: `crash.rs`, `crash_concurrent/` and
 //! `set_crash.rs` (two rigs sharing one rail).
 
 use std::sync::Arc;
