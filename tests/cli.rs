@@ -247,20 +247,12 @@ fn shadow_copy_sets_across_volumes() {
     let dir = volume("4M");
     let d = dir.path();
     vs(d, &["image", "create", "two.img", "--size", "4M"]);
-    vs(
+    add_storage(
         d,
-        &[
-            "add",
-            "shadowstorage",
-            "--for",
-            "two.img",
-            "--on",
-            "two.diff",
-            "--maxsize",
-            "8M",
-            "--on-full",
-            "fail-writes",
-        ],
+        "two.img",
+        "two.diff",
+        "8M",
+        &["--on-full", "fail-writes"],
     );
     let set = json(
         d,
@@ -286,19 +278,7 @@ fn shadow_copy_sets_reach_served_volumes_through_their_servers() {
     for img in ["two.img", "three.img"] {
         vs(d, &["image", "create", img, "--size", "4M"]);
         let diff = img.replace(".img", ".diff");
-        vs(
-            d,
-            &[
-                "add",
-                "shadowstorage",
-                "--for",
-                img,
-                "--on",
-                &diff,
-                "--maxsize",
-                "8M",
-            ],
-        );
+        add_storage(d, img, &diff, "8M", &[]);
     }
     let imgs = ["disk.img", "two.img", "three.img"];
     // Writes `data` at 1 MiB of every volume (through a server where one runs).
@@ -590,20 +570,7 @@ fn preallocated_shadow_storage_is_allocated_and_works() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     vs(d, &["image", "create", "disk.img", "--size", "4M"]);
-    vs(
-        d,
-        &[
-            "add",
-            "shadowstorage",
-            "--for",
-            "disk.img",
-            "--on",
-            "disk.diff",
-            "--maxsize",
-            "8M",
-            "--preallocate",
-        ],
-    );
+    add_storage(d, "disk.img", "disk.diff", "8M", &["--preallocate"]);
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;

@@ -154,19 +154,7 @@ fn reads_stream_in_bounded_memory_and_refuse_past_the_end() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     vs(d, &["image", "create", "disk.img", "--size", "512M"]);
-    vs(
-        d,
-        &[
-            "add",
-            "shadowstorage",
-            "--for",
-            "disk.img",
-            "--on",
-            "disk.diff",
-            "--maxsize",
-            "16M",
-        ],
-    );
+    add_storage(d, "disk.img", "disk.diff", "16M", &[]);
     let a = pattern(3 << 20, 21);
     write_file(d, "a.bin", &a);
     vs(
@@ -421,20 +409,12 @@ fn delete_oldest_is_told() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     vs(d, &["image", "create", "disk.img", "--size", "4M"]);
-    vs(
+    add_storage(
         d,
-        &[
-            "add",
-            "shadowstorage",
-            "--for",
-            "disk.img",
-            "--on",
-            "disk.diff",
-            "--maxsize",
-            "1M",
-            "--on-full",
-            "delete-oldest",
-        ],
+        "disk.img",
+        "disk.diff",
+        "1M",
+        &["--on-full", "delete-oldest"],
     );
     write_file(d, "a.bin", &pattern(1 << 20, 51));
     write_file(d, "b.bin", &pattern(1 << 20, 52));
@@ -533,20 +513,12 @@ fn errors_print_each_cause_once_and_revert_says_revert() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     vs(d, &["image", "create", "disk.img", "--size", "4M"]);
-    vs(
+    add_storage(
         d,
-        &[
-            "add",
-            "shadowstorage",
-            "--for",
-            "disk.img",
-            "--on",
-            "disk.diff",
-            "--maxsize",
-            "1M",
-            "--on-full",
-            "fail-writes",
-        ],
+        "disk.img",
+        "disk.diff",
+        "1M",
+        &["--on-full", "fail-writes"],
     );
     let a = pattern(4 << 20, 61);
     let b = pattern(2 << 20, 62);

@@ -170,19 +170,7 @@ fn two_volumes() -> tempfile::TempDir {
     for v in ["a", "b"] {
         let img = format!("{v}.img");
         vs(d, &["image", "create", &img, "--size", "16M"]);
-        vs(
-            d,
-            &[
-                "add",
-                "shadowstorage",
-                "--for",
-                &img,
-                "--on",
-                &format!("{v}.diff"),
-                "--maxsize",
-                "64M",
-            ],
-        );
+        add_storage(d, &img, &format!("{v}.diff"), "64M", &[]);
         vs(
             d,
             &["write", "--for", &img, "--offset", "0", "--input", "fill"],

@@ -71,20 +71,24 @@ pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
 pub fn volume(size: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     vs(dir.path(), &["image", "create", "disk.img", "--size", size]);
-    vs(
-        dir.path(),
-        &[
-            "add",
-            "shadowstorage",
-            "--for",
-            "disk.img",
-            "--on",
-            "disk.diff",
-            "--maxsize",
-            "64M",
-        ],
-    );
+    add_storage(dir.path(), "disk.img", "disk.diff", "64M", &[]);
     dir
+}
+
+/// `add shadowstorage --for IMG --on DIFF --maxsize MAX` and `extra`.
+pub fn add_storage(dir: &Path, img: &str, diff: &str, max: &str, extra: &[&str]) {
+    let mut args = vec![
+        "add",
+        "shadowstorage",
+        "--for",
+        img,
+        "--on",
+        diff,
+        "--maxsize",
+        max,
+    ];
+    args.extend_from_slice(extra);
+    vs(dir, &args);
 }
 
 pub fn have(tool: &str) -> bool {
