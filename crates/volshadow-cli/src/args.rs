@@ -180,6 +180,46 @@ pub(crate) enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Mount the volume as files with FUSE, in the foreground like `serve`:
+    /// DIR/live (read-write) and DIR/shadows/<id> (read-only), each the
+    /// size of the volume. Shadow copies made meanwhile appear.
+    #[cfg(target_os = "linux")]
+    Mount {
+        /// The volume's image.
+        #[arg(long = "for", value_name = "IMG")]
+        volume: PathBuf,
+        /// An empty directory to mount on.
+        dir: PathBuf,
+    },
+    /// Stop a `mount`: unmounts DIR, and its process ends cleanly.
+    #[cfg(target_os = "linux")]
+    Unmount {
+        /// The directory a `volshadow mount` is mounted on.
+        dir: PathBuf,
+    },
+    /// Expose a shadow copy read-only (root): a loop device, and its file
+    /// system mounted read-only at DIR.
+    #[cfg(target_os = "linux")]
+    Expose {
+        /// The volume's image.
+        #[arg(long = "for", value_name = "IMG")]
+        volume: PathBuf,
+        /// The shadow copy (id or unique prefix).
+        #[arg(long)]
+        shadow: String,
+        /// An empty directory to mount the shadow copy's file system on.
+        #[arg(required_unless_present = "no_mount")]
+        dir: Option<PathBuf>,
+        /// Stop at the read-only loop device.
+        #[arg(long, conflicts_with = "dir")]
+        no_mount: bool,
+    },
+    /// Undo an `expose`: unmount, detach the loop device, stop its mount.
+    #[cfg(target_os = "linux")]
+    Unexpose {
+        /// The directory (or, with --no-mount, the loop device) `expose` printed.
+        place: PathBuf,
+    },
     /// Run a VSS backup: writers, providers and volumes from a TOML config.
     Backup {
         /// The backup configuration (TOML).

@@ -158,6 +158,19 @@ pub(crate) fn run(cmd: Command) -> Result<()> {
             },
             json,
         ),
+        #[cfg(target_os = "linux")]
+        Command::Mount { volume, dir } => crate::verbs::mount::mount(&volume, &dir),
+        #[cfg(target_os = "linux")]
+        Command::Unmount { dir } => crate::verbs::mount::unmount(&dir),
+        #[cfg(target_os = "linux")]
+        Command::Expose {
+            volume,
+            shadow,
+            dir,
+            no_mount: _,
+        } => crate::verbs::expose::expose(&volume, &shadow, dir.as_deref()),
+        #[cfg(target_os = "linux")]
+        Command::Unexpose { place } => crate::verbs::expose::unexpose(&place),
         Command::Backup { config } => vss::backup(&config).map(|_| ()),
         Command::Restore {
             config,

@@ -8,6 +8,8 @@ mod control;
 mod control_server;
 mod dispatch;
 mod exports;
+#[cfg(target_os = "linux")]
+mod fuse;
 mod guard;
 #[cfg(unix)]
 mod member;
@@ -94,7 +96,7 @@ pub fn main() -> ExitCode {
     };
     // A server has no one to tell but its log: warnings (such as shadow
     // copies deleted to make room) are shown without -v.
-    let quiet_level = matches!(cli.command, Command::Serve { .. }).then_some("warn");
+    let quiet_level = runs_as_server(&cli.command).then_some("warn");
     init_logging(cli.verbose, quiet_level);
     match dispatch::run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,6 +104,16 @@ pub fn main() -> ExitCode {
             eprintln!("volshadow: {}", one_line(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Verbs that keep running and serve others, with only their log to tell.
+fn runs_as_server(cmd: &Command) -> bool {
+    match cmd {
+        Command::Serve { .. } => true,
+        #[cfg(target_os = "linux")]
+        Command::Mount { .. } => true,
+        _ => false,
     }
 }
 

@@ -5,7 +5,11 @@
 
 pub(crate) mod data;
 pub(crate) mod export;
+#[cfg(target_os = "linux")]
+pub(crate) mod expose;
 pub(crate) mod maintain;
+#[cfg(target_os = "linux")]
+pub(crate) mod mount;
 pub(crate) mod serve;
 pub(crate) mod shadows;
 pub(crate) mod shadowstorage;

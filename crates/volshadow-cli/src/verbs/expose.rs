@@ -1,0 +1,248 @@
+//! `expose` and `unexpose` (VSS's ExposeSnapshot, diskshadow's `expose`):
+//! a shadow copy attached read-only to a loop device and its file system
+//! mounted read-only.
+//!
+//! The loop device reads `shadows/<id>` of a private FUSE mount (a
+//! `volshadow mount` process started for the exposure; through the
+//! volume's server when one runs). What was set up is recorded under
+//! [`STATE_DIR`], so `unexpose` undoes exactly that and `list shadows`
+//! says where a copy is exposed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::ops::{self, Reply, Request};
+use crate::session::Session;
+use crate::verbs::mount::{alive, check_mount_dir, mounts};
+
+/// Where exposures are recorded (root only, gone at reboot like the loop
+/// devices and mounts they describe).
+const STATE_DIR: &str = "/run/volshadow/expose";
+/// How long the private mount may take to show the shadow copy.
+const START_WAIT: Duration = Duration::from_secs(20);
+
+/// One exposure, as recorded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Exposure {
+    pub(crate) image: PathBuf,
+    pub(crate) shadow: Uuid,
+    /// Where its file system is mounted (none with `--no-mount`).
+    pub(crate) dir: Option<PathBuf>,
+    pub(crate) device: PathBuf,
+    fuse_dir: PathBuf,
+    fuse_pid: u32,
+}
+
+impl Exposure {
+    /// Where the exposure shows: its mount point, else its device.
+    pub(crate) fn place(&self) -> &Path {
+        self.dir.as_deref().unwrap_or(&self.device)
+    }
+}
+
+/// Every recorded exposure, with its record's folder.
+pub(crate) fn exposures() -> Vec<(PathBuf, Exposure)> {
+    let Ok(rd) = std::fs::read_dir(STATE_DIR) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let text = std::fs::read_to_string(e.path().join("exposure.json")).ok()?;
+            Some((e.path(), serde_json::from_str(&text).ok()?))
+        })
+        .collect()
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `expose --for IMG --shadow ID [DIR | --no-mount]`.
+pub(crate) fn expose(img: &Path, shadow: &str, dir: Option<&Path>) -> Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        bail!("expose needs root (it attaches a loop device and mounts); nothing was changed");
+    }
+    let dir = dir.map(check_mount_dir).transpose()?;
+    let id = match Session::new(img).call(&Request::ListShadows, &[])?.0 {
+        Reply::Shadows { shadows } => ops::resolve_among(&shadows, shadow)?,
+        other => bail!("unexpected answer {other:?} to a listing"),
+    };
+    let image = std::fs::canonicalize(img)?;
+    let state = PathBuf::from(STATE_DIR).join(Uuid::new_v4().to_string());
+    let fuse_dir = state.join("fuse");
+    std::fs::create_dir_all(&fuse_dir)
+        .with_context(|| format!("creating {}", fuse_dir.display()))?;
+    let mut undo = Undo::new(state.clone());
+    let log = std::fs::File::create(state.join("mount.log"))?;
+    let child = {
+        use std::os::unix::process::CommandExt;
+        Command::new(std::env::current_exe()?)
+            .arg("mount")
+            .arg("--for")
+            .arg(&image)
+            .arg(&fuse_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            // Its own process group: a Ctrl+C at this terminal does not
+            // end the exposure.
+            .process_group(0)
+            .spawn()
+            .context("starting the exposure's mount")?
+    };
+    undo.fuse = Some((fuse_dir.clone(), child.id()));
+    let file = fuse_dir.join("shadows").join(id.to_string());
+    let deadline = Instant::now() + START_WAIT;
+    while !file.exists() {
+        if !alive(child.id()) || Instant::now() > deadline {
+            let said = std::fs::read_to_string(state.join("mount.log")).unwrap_or_default();
+            bail!(
+                "the exposure's mount did not start: {}",
+                said.lines().last().unwrap_or("no message")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let device = PathBuf::from(run(
+        "losetup",
+        &["--find", "--show", "--read-only", &file.to_string_lossy()],
+    )?);
+    undo.device = Some(device.clone());
+    if let Some(dir) = &dir {
+        let dev = device.to_string_lossy();
+        let fs_type = run("blkid", &["-o", "value", "-s", "TYPE", &dev])
+            .ok()
+            .filter(|t| !t.is_empty())
+            .with_context(|| format!("shadow copy {id} holds no file system blkid knows"))?;
+        // A read-only device cannot replay a journal: mount without it.
+        let options = match fs_type.as_str() {
+            "ext3" | "ext4" => "ro,noload",
+            "xfs" => "ro,norecovery",
+            _ => "ro",
+        };
+        run(
+            "mount",
+            &["-t", &fs_type, "-o", options, &dev, &dir.to_string_lossy()],
+        )?;
+    }
+    let exposure = Exposure {
+        image,
+        shadow: id,
+        dir: dir.clone(),
+        device: device.clone(),
+        fuse_dir,
+        fuse_pid: child.id(),
+    };
+    std::fs::write(
+        state.join("exposure.json"),
+        serde_json::to_string_pretty(&exposure)?,
+    )?;
+    undo.done();
+    match &dir {
+        Some(d) => println!(
+            "Exposed shadow copy {id} at {} (read-only, {}).",
+            d.display(),
+            device.display()
+        ),
+        None => println!(
+            "Exposed shadow copy {id} as {} (read-only).",
+            device.display()
+        ),
+    }
+    Ok(())
+}
+
+/// `unexpose DIR|DEVICE`: undoes one exposure.
+pub(crate) fn unexpose(place: &Path) -> Result<()> {
+    let wanted = std::fs::canonicalize(place).unwrap_or_else(|_| place.to_path_buf());
+    let Some((state, e)) = exposures()
+        .into_iter()
+        .find(|(_, e)| e.dir.as_deref() == Some(&wanted) || e.device == wanted)
+    else {
+        bail!(
+            "{} is not a volshadow exposure; nothing was changed",
+            place.display()
+        );
+    };
+    if let Some(dir) = &e.dir
+        && mounts()?.iter().any(|m| &m.point == dir)
+    {
+        run("umount", &[&dir.to_string_lossy()])?;
+    }
+    let mut undo = Undo::new(state);
+    undo.device = Some(e.device.clone());
+    undo.fuse = Some((e.fuse_dir.clone(), e.fuse_pid));
+    drop(undo);
+    println!(
+        "Shadow copy {} is no longer exposed at {}.",
+        e.shadow,
+        e.place().display()
+    );
+    Ok(())
+}
+
+/// What an exposure set up so far, torn down when dropped unless `done`.
+#[derive(Debug)]
+struct Undo {
+    state: PathBuf,
+    fuse: Option<(PathBuf, u32)>,
+    device: Option<PathBuf>,
+    keep: bool,
+}
+
+impl Undo {
+    fn new(state: PathBuf) -> Self {
+        Undo {
+            state,
+            fuse: None,
+            device: None,
+            keep: false,
+        }
+    }
+
+    fn done(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        if let Some(dev) = &self.device
+            && let Err(e) = run("losetup", &["-d", &dev.to_string_lossy()])
+        {
+            eprintln!("volshadow: {}", crate::one_line(&e));
+        }
+        if let Some((dir, pid)) = &self.fuse {
+            if mounts().is_ok_and(|m| m.iter().any(|m| &m.point == dir))
+                && let Err(e) = rustix::mount::unmount(dir, rustix::mount::UnmountFlags::DETACH)
+            {
+                eprintln!("volshadow: cannot unmount {}: {e}", dir.display());
+            }
+            let deadline = Instant::now() + START_WAIT;
+            while alive(*pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
