@@ -122,6 +122,10 @@ pub struct ShadowRow {
     pub created: f64,
     pub persistent: bool,
     pub attributes: Vec<String>,
+    /// Where `expose` made it visible (a mount point or a loop device);
+    /// filled in by `list shadows` on this machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exposed: Option<std::path::PathBuf>,
 }
 
 impl From<&SnapshotInfo> for ShadowRow {
@@ -140,6 +144,7 @@ impl From<&SnapshotInfo> for ShadowRow {
                 .into_iter()
                 .map(String::from)
                 .collect(),
+            exposed: None,
         }
     }
 }
@@ -532,7 +537,11 @@ fn render_shadow(s: &ShadowRow) -> String {
         } else {
             s.attributes.join(", ")
         },
-    )
+    ) + &s
+        .exposed
+        .as_ref()
+        .map(|p| format!("   Exposed at: {}\n", p.display()))
+        .unwrap_or_default()
 }
 
 pub fn render_usage(u: &Usage) -> String {

@@ -58,6 +58,21 @@ pub(crate) fn exposures() -> Vec<(PathBuf, Exposure)> {
         .collect()
 }
 
+/// A listing of `img`'s shadow copies, each with where it is exposed.
+pub(crate) fn with_exposures(img: &Path, mut reply: Reply) -> Result<Reply> {
+    if let Reply::Shadows { shadows } = &mut reply {
+        let image = std::fs::canonicalize(img)?;
+        let exposures = exposures();
+        for s in shadows {
+            s.exposed = exposures
+                .iter()
+                .find(|(_, e)| e.image == image && e.shadow == s.id)
+                .map(|(_, e)| e.place().to_path_buf());
+        }
+    }
+    Ok(reply)
+}
+
 fn run(cmd: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(cmd)
         .args(args)

@@ -89,9 +89,11 @@ pub(crate) fn create(volumes: &[PathBuf], persistent: bool, json: bool) -> Resul
     }
     Ok(())
 }
-/// `list shadows`.
+/// `list shadows`, each with where it is exposed on this machine.
 pub(crate) fn list(volume: &Path, json: bool) -> Result<()> {
     let (reply, _) = on_volume(volume, &Request::ListShadows, &[])?;
+    #[cfg(target_os = "linux")]
+    let reply = crate::verbs::expose::with_exposures(volume, reply)?;
     print_reply(&reply, json)
 }
 
