@@ -5,10 +5,13 @@
 //!
 //! The files are backed either by the volume opened in this process or,
 //! when another process serves it, by that server's control socket
-//! ([`Backing`]).
+//! ([`Backing`]). Reads, writes and syncs run on a few worker threads (the
+//! kernel sends several at once, readahead above all); lookups and
+//! listings are answered in the session loop.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Result, bail};
@@ -34,6 +37,8 @@ const SHADOW_BASE: u64 = 16;
 const TTL: Duration = Duration::from_secs(1);
 /// Largest request the kernel sends (reads and writes alike).
 const MAX_IO: u32 = 1 << 20;
+/// Threads doing the data requests.
+const WORKERS: usize = 4;
 
 /// What the files read from and write to.
 #[derive(Debug)]
@@ -139,25 +144,70 @@ impl Target {
     }
 }
 
-/// The file system. Requests arrive one at a time (fuser's session loop).
+/// A data request handed to a worker, with its reply.
+enum Job {
+    Read(Option<Arc<Target>>, u64, usize, ReplyData),
+    Write(Vec<u8>, u64, ReplyWrite),
+    Sync(ReplyEmpty),
+}
+
+/// The file system. Requests arrive one at a time (fuser's session loop);
+/// data requests go on to the workers.
 #[derive(Debug)]
 pub struct VolumeFs {
-    backing: Backing,
+    backing: Arc<Backing>,
     uid: u32,
     gid: u32,
     mounted: SystemTime,
     /// Shadow copies opened for reading, by inode.
-    open: std::collections::HashMap<u64, Target>,
+    open: std::collections::HashMap<u64, Arc<Target>>,
+    jobs: Option<crossbeam_channel::Sender<Job>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Job::Read(_, off, len, _) => write!(f, "read {len} at {off}"),
+            Job::Write(data, off, _) => write!(f, "write {} at {off}", data.len()),
+            Job::Sync(_) => f.write_str("sync"),
+        }
+    }
 }
 
 impl VolumeFs {
     pub fn new(backing: Backing) -> Self {
+        let backing = Arc::new(backing);
+        // Bounded: the session loop waits when the workers are behind, so
+        // memory stays at a few requests' worth.
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(WORKERS * 2);
+        let workers = (0..WORKERS)
+            .map(|_| {
+                let (rx, backing) = (rx.clone(), backing.clone());
+                std::thread::spawn(move || {
+                    for job in rx {
+                        work(&backing, job);
+                    }
+                })
+            })
+            .collect();
         VolumeFs {
             backing,
             uid: rustix::process::getuid().as_raw(),
             gid: rustix::process::getgid().as_raw(),
             mounted: SystemTime::now(),
             open: std::collections::HashMap::new(),
+            jobs: Some(tx),
+            workers,
+        }
+    }
+
+    fn submit(&self, job: Job) {
+        if let Some(tx) = &self.jobs
+            && let Err(e) = tx.send(job)
+        {
+            // Workers only end at destroy; answer rather than hang.
+            work(&self.backing, e.into_inner());
         }
     }
 
@@ -213,6 +263,26 @@ impl VolumeFs {
     }
 }
 
+fn work(backing: &Backing, job: Job) {
+    match job {
+        Job::Read(target, offset, len, reply) => {
+            let mut buf = vec![0u8; len];
+            match backing.read(target.as_deref(), &mut buf, offset) {
+                Ok(()) => reply.data(&buf),
+                Err(e) => reply.error(io_error(e).raw_os_error()),
+            }
+        }
+        Job::Write(data, offset, reply) => match backing.write(&data, offset) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(io_error(e).raw_os_error()),
+        },
+        Job::Sync(reply) => match backing.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(io_error(e).raw_os_error()),
+        },
+    }
+}
+
 fn io_error(e: anyhow::Error) -> Errno {
     tracing::warn!(error = %crate::one_line(&e), "FUSE request failed");
     Errno::IO
@@ -227,6 +297,14 @@ impl Filesystem for VolumeFs {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
         Ok(())
+    }
+
+    fn destroy(&mut self) {
+        // Every request answered before the session ends.
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
     }
 
     fn lookup(&mut self, _req: &FuseRequest<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
@@ -297,7 +375,7 @@ impl Filesystem for VolumeFs {
             _ => match self.shadow_of(ino) {
                 Ok(Some(row)) => match self.backing.open_shadow(&row) {
                     Ok(target) => {
-                        self.open.insert(ino, target);
+                        self.open.insert(ino, Arc::new(target));
                         // A shadow copy never changes: the page cache may stay.
                         reply.opened(0, fuser::consts::FOPEN_KEEP_CACHE);
                     }
@@ -327,15 +405,11 @@ impl Filesystem for VolumeFs {
         let target = match ino {
             LIVE => None,
             _ => match self.open.get(&ino) {
-                Some(t) => Some(t),
+                Some(t) => Some(t.clone()),
                 None => return reply.error(Errno::BADF.raw_os_error()),
             },
         };
-        let mut buf = vec![0u8; len as usize];
-        match self.backing.read(target, &mut buf, offset) {
-            Ok(()) => reply.data(&buf),
-            Err(e) => reply.error(io_error(e).raw_os_error()),
-        }
+        self.submit(Job::Read(target, offset, len as usize, reply));
     }
 
     fn write(
@@ -361,10 +435,7 @@ impl Filesystem for VolumeFs {
             // Past the end of a fixed-size volume, as a block device says.
             return reply.error(Errno::NOSPC.raw_os_error());
         }
-        match self.backing.write(&data[..len as usize], offset) {
-            Ok(()) => reply.written(len as u32),
-            Err(e) => reply.error(io_error(e).raw_os_error()),
-        }
+        self.submit(Job::Write(data[..len as usize].to_vec(), offset, reply));
     }
 
     fn flush(
@@ -389,10 +460,7 @@ impl Filesystem for VolumeFs {
         if ino != LIVE {
             return reply.ok();
         }
-        match self.backing.flush() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(io_error(e).raw_os_error()),
-        }
+        self.submit(Job::Sync(reply));
     }
 
     fn release(
