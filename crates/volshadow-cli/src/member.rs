@@ -28,6 +28,8 @@ use crate::ops::{Reply, Request};
 /// next step before it lets writes go (a stalled coordinator must not hold
 /// a served volume's writes for long).
 const STEP_GRACE: Duration = Duration::from_secs(2);
+/// The longest hold a coordinator may ask a served volume for.
+const MAX_HOLD: Duration = Duration::from_secs(60);
 /// How often a member left in doubt asks its decider again.
 const ASK_AGAIN: Duration = Duration::from_secs(1);
 
@@ -89,7 +91,8 @@ impl SetsInProgress {
                             bail!("set {set_id} is already being made on this volume");
                         }
                         registered = Some(set_id);
-                        let timeout = Duration::from_millis(timeout_ms);
+                        // A client's number, bounded before use.
+                        let timeout = Duration::from_millis(timeout_ms).min(MAX_HOLD);
                         stream.set_read_timeout(Some(timeout + STEP_GRACE))?;
                         member.hold(set_id, timeout).map(|()| Reply::Done)
                     }
