@@ -335,25 +335,63 @@ fn records_in(data: &[u8], f: usize) -> u64 {
     (data.len() / RECORD) as u64
 }
 
-/// The whole path: a busy ext4 on the mounted volume, frozen for a
-/// shadow copy while the writers keep going, the copy exposed and checked.
+const FS_TOOLS: [&str; 7] = [
+    "losetup",
+    "mkfs.ext4",
+    "mount",
+    "umount",
+    "fsfreeze",
+    "blkid",
+    "fsck.ext4",
+];
+
+/// The whole path: a busy ext4 on the mounted volume, frozen for a shadow
+/// copy while the writers keep going, the copy exposed and checked.
 #[test]
 fn a_busy_mounted_file_system_is_copied_frozen_and_exposed_intact() {
-    if !can_mount(&[
-        "losetup",
-        "mkfs.ext4",
-        "mount",
-        "umount",
-        "fsfreeze",
-        "blkid",
-        "fsck.ext4",
-    ]) {
+    if !can_mount(&FS_TOOLS) {
         return;
     }
     let dir = volume("128M");
     let d = dir.path();
     let m = Mount::start(d, "disk.img", "m");
-    let live = m.dir.join("live");
+    copy_a_busy_file_system(d, &m.dir.join("live"));
+    drop(m);
+}
+
+/// The same with the volume served over NBD and made a file by nbdfuse
+/// (libnbd's FUSE client): `expose` then goes through the server.
+#[test]
+fn the_same_through_serve_and_nbdfuse() {
+    if !can_mount(&FS_TOOLS) || !can_mount(&["nbdfuse"]) {
+        return;
+    }
+    let dir = volume("128M");
+    let d = dir.path();
+    let server = Server::start(d, "disk.img");
+    let n = d.join("n");
+    std::fs::create_dir(&n).unwrap();
+    let mut fuse = Command::new("nbdfuse")
+        .arg(&n)
+        .arg(server.uri("live"))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let file = n.join("nbd");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !file.exists() {
+        assert!(Instant::now() < deadline, "nbdfuse did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    copy_a_busy_file_system(d, &file);
+    let _ = Command::new("fusermount3").arg("-u").arg(&n).status();
+    let _ = fuse.wait();
+    drop(server);
+}
+
+/// mkfs on `live` (through a loop device), writers appending, a frozen
+/// shadow copy of disk.img, exposed (mounted and as a device) and checked.
+fn copy_a_busy_file_system(d: &Path, live: &Path) {
     let loop_dev =
         String::from_utf8(run("losetup", &["--find", "--show", live.to_str().unwrap()]).stdout)
             .unwrap()
@@ -453,7 +491,6 @@ fn a_busy_mounted_file_system_is_copied_frozen_and_exposed_intact() {
         String::from_utf8_lossy(&fsck.stdout)
     );
     drop(cleanup);
-    drop(m);
 }
 
 /// Unmounts the test's file system and detaches its loop device.
