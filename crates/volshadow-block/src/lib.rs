@@ -8,8 +8,39 @@
 //!
 //! Backends: [`FileImage`] (regular or sparse file), [`MemDevice`] (RAM),
 //! [`RawVolume`] (Linux block device or Windows volume / disk handle) and,
-//! with the `faulty` feature, [`FaultyDevice`] for crash and fault tests.
+//! with the `faulty` feature, `FaultyDevice` for crash and fault tests.
 //! [`open_device`] picks the backend from what a path is.
+//!
+//! # Example
+//!
+//! A sparse file image, written and read back through the trait:
+//!
+//! ```
+//! use volshadow_block::{BlockDevice, FileImage};
+//!
+//! # fn main() -> volshadow_block::Result<()> {
+//! let dir = tempfile::tempdir().expect("temporary directory");
+//! let image = FileImage::create(dir.path().join("disk.img"), 1 << 20)?;
+//! image.write_at(b"hello", 4096)?;
+//! image.flush()?;
+//!
+//! let mut buf = [0u8; 5];
+//! image.read_at(&mut buf, 4096)?;
+//! assert_eq!(&buf, b"hello");
+//! // Never-written ranges read as zeros.
+//! image.read_at(&mut buf, 0)?;
+//! assert_eq!(buf, [0; 5]);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Your own backend
+//!
+//! Implement [`BlockDevice`] to put the engine over storage of your own (a
+//! SAN LUN, an object store cache, a counting wrapper). Only six methods
+//! are required; check the contract with the `conformance` suite (feature
+//! `faulty`) in a test. The repository's `examples/embed.rs` runs the
+//! engine over such a device.
 //!
 //! `unsafe` lives only in `sys/`, one small function per OS call.
 #![deny(unsafe_code)]
@@ -47,7 +78,8 @@ pub(crate) const ZERO_RUN: u64 = 1 << 20;
 
 /// A random-access block device shared by many threads.
 ///
-/// Contract for every implementation (checked by [`conformance`]):
+/// Contract for every implementation (checked by the `conformance`
+/// suite, feature `faulty`):
 /// - a request must lie entirely inside `0..len()`; otherwise it fails with
 ///   [`Error::OutOfRange`] and nothing is read or written (also when
 ///   `offset + len` overflows);
@@ -61,6 +93,49 @@ pub(crate) const ZERO_RUN: u64 = 1 << 20;
 ///
 /// Offsets and lengths need not be aligned to `block_size`; backends that
 /// need alignment (O_DIRECT, `FILE_FLAG_NO_BUFFERING`) bounce internally.
+///
+/// # Example
+///
+/// A backend of your own: a device that counts the writes reaching an
+/// inner one (a real one would talk to its storage instead). Range checks
+/// come first, so a refused request touches nothing.
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use volshadow_block::{BlockDevice, MemDevice, Op, Result, check_range};
+///
+/// #[derive(Debug)]
+/// struct Counting {
+///     inner: MemDevice,
+///     writes: AtomicU64,
+/// }
+///
+/// impl BlockDevice for Counting {
+///     fn len(&self) -> u64 { self.inner.len() }
+///     fn block_size(&self) -> u32 { self.inner.block_size() }
+///     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+///         check_range(self, Op::Read, offset, buf.len() as u64)?;
+///         self.inner.read_at(buf, offset)
+///     }
+///     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+///         check_range(self, Op::Write, offset, buf.len() as u64)?;
+///         self.writes.fetch_add(1, Ordering::Relaxed);
+///         self.inner.write_at(buf, offset)
+///     }
+///     fn flush(&self) -> Result<()> { self.inner.flush() }
+///     fn discard(&self, offset: u64, len: u64) -> Result<()> {
+///         check_range(self, Op::Discard, offset, len)?;
+///         self.inner.discard(offset, len)
+///     }
+///     fn name(&self) -> String { "counting".into() }
+/// }
+///
+/// let dev = Counting { inner: MemDevice::new(1 << 20), writes: AtomicU64::new(0) };
+/// dev.write_at(&[7; 4096], 0)?;
+/// assert!(dev.write_at(&[7; 4096], 1 << 20).is_err()); // past the end
+/// assert_eq!(dev.writes.load(Ordering::Relaxed), 1);
+/// # Ok::<(), volshadow_block::Error>(())
+/// ```
 pub trait BlockDevice: Send + Sync {
     /// Size in bytes.
     fn len(&self) -> u64;

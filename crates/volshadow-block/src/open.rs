@@ -71,6 +71,25 @@ pub fn device_kind(path: &Path) -> Result<DeviceKind> {
 /// Opens `path` with the right backend: a [`RawVolume`] for block devices
 /// and Windows device paths, or for any path when unbuffered I/O is asked;
 /// a [`FileImage`] for regular files otherwise.
+///
+/// # Example
+///
+/// ```
+/// use volshadow_block::{BlockDevice, FileImage, OpenOptions, open_device};
+///
+/// # fn main() -> volshadow_block::Result<()> {
+/// let dir = tempfile::tempdir().expect("temporary directory");
+/// let path = dir.path().join("disk.img");
+/// drop(FileImage::create(&path, 1 << 20)?);
+///
+/// // A path to a regular file opens a `FileImage`; `/dev/loop0` or
+/// // `\\.\D:` would open a `RawVolume`.
+/// let dev = open_device(&path, &OpenOptions::new().read_only(true))?;
+/// assert_eq!(dev.len(), 1 << 20);
+/// assert!(dev.write_at(b"no", 0).is_err());
+/// # Ok(())
+/// # }
+/// ```
 pub fn open_device(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
     let path = path.as_ref();
     match device_kind(path)? {

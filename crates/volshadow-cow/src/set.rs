@@ -38,6 +38,29 @@ impl SnapshotSet {
     /// all) for in-flight writes to drain, snapshots each volume, releases.
     /// If any step fails, snapshots already made for the set are deleted
     /// and the error returned: there is no partial set.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use volshadow_block::MemDevice;
+    /// use volshadow_cow::{DEFAULT_HOLD_TIMEOUT, SnapshotOptions, SnapshotSet, Volume, VolumeOptions};
+    ///
+    /// let make = || {
+    ///     Volume::create(
+    ///         Arc::new(MemDevice::new(1 << 20)),
+    ///         Arc::new(MemDevice::new(8 << 20)),
+    ///         VolumeOptions::default(),
+    ///     )
+    /// };
+    /// let (data, log) = (make()?, make()?);
+    /// let options = SnapshotOptions { persistent: true, ..Default::default() };
+    /// let set = SnapshotSet::create(&[&data, &log], options, DEFAULT_HOLD_TIMEOUT)?;
+    /// assert_eq!(set.snapshots.len(), 2);
+    /// assert_eq!(data.snapshots()[0].set_id, Some(set.id));
+    /// assert_eq!(log.snapshots()[0].set_id, Some(set.id));
+    /// # Ok::<(), volshadow_cow::Error>(())
+    /// ```
     pub fn create(
         volumes: &[&Volume],
         options: SnapshotOptions,

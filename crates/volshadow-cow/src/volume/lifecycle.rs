@@ -29,6 +29,24 @@ fn now_ns() -> u64 {
 impl Volume {
     /// Takes a snapshot: every write that completed before this call is in
     /// it, no write that starts after it returns is.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use volshadow_block::{BlockDevice, MemDevice};
+    /// # use volshadow_cow::{SnapshotOptions, Target, Volume, VolumeOptions};
+    /// # let vol = Volume::create(
+    /// #     Arc::new(MemDevice::new(1 << 20)),
+    /// #     Arc::new(MemDevice::new(8 << 20)),
+    /// #     VolumeOptions::default(),
+    /// # )?;
+    /// vol.write_at(b"v1", 0)?;
+    /// let snap = vol.create_snapshot(SnapshotOptions { persistent: true, ..Default::default() })?;
+    /// assert_eq!(snap.seq, 1);
+    /// assert_eq!(vol.snapshots(), vec![snap]);
+    /// # Ok::<(), volshadow_cow::Error>(())
+    /// ```
     pub fn create_snapshot(&self, options: SnapshotOptions) -> Result<SnapshotInfo> {
         let closed = self.inner.gate.close(DEFAULT_HOLD)?;
         self.inner.create_held(&closed, &options, None)
@@ -96,6 +114,29 @@ impl Volume {
     }
 
     /// A read-only device showing snapshot `id`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use volshadow_block::{BlockDevice, MemDevice};
+    /// # use volshadow_cow::{SnapshotOptions, Target, Volume, VolumeOptions};
+    /// # let vol = Volume::create(
+    /// #     Arc::new(MemDevice::new(1 << 20)),
+    /// #     Arc::new(MemDevice::new(8 << 20)),
+    /// #     VolumeOptions::default(),
+    /// # )?;
+    /// vol.write_at(b"old", 0)?;
+    /// let snap = vol.create_snapshot(SnapshotOptions::default())?;
+    /// vol.write_at(b"new", 0)?;
+    ///
+    /// let view = vol.snapshot(snap.id)?;
+    /// let mut buf = [0u8; 3];
+    /// view.read_at(&mut buf, 0)?;
+    /// assert_eq!(&buf, b"old");
+    /// assert!(view.write_at(b"no", 0).is_err()); // read-only
+    /// # Ok::<(), volshadow_cow::Error>(())
+    /// ```
     pub fn snapshot(&self, id: Uuid) -> Result<SnapshotView> {
         let seq = self.inner.state_read().find(id)?;
         Ok(SnapshotView::new(self.inner.clone(), id, seq))
@@ -184,6 +225,27 @@ impl Volume {
     /// Chunks changed between snapshot `from` and `to` (a later snapshot or
     /// the live volume), as merged byte extents. Exact at chunk granularity,
     /// also after deleting snapshots in between and after recovery.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use volshadow_block::{BlockDevice, MemDevice};
+    /// # use volshadow_cow::{SnapshotOptions, Target, Volume, VolumeOptions};
+    /// # let vol = Volume::create(
+    /// #     Arc::new(MemDevice::new(1 << 20)),
+    /// #     Arc::new(MemDevice::new(8 << 20)),
+    /// #     VolumeOptions::default(),
+    /// # )?;
+    /// let a = vol.create_snapshot(SnapshotOptions::default())?;
+    /// vol.write_at(&[9; 10], 100 << 10)?; // inside the chunk at 96 KiB
+    /// let b = vol.create_snapshot(SnapshotOptions::default())?;
+    ///
+    /// let changed = vol.changed_extents(a.id, Target::Snapshot(b.id))?;
+    /// assert_eq!((changed[0].offset, changed[0].len), (96 << 10, 16 << 10));
+    /// assert!(vol.changed_extents(b.id, Target::Live)?.is_empty());
+    /// # Ok::<(), volshadow_cow::Error>(())
+    /// ```
     pub fn changed_extents(&self, from: Uuid, to: Target) -> Result<Vec<Extent>> {
         self.changed_extents_in(from, to, 0, self.inner.geo.origin_len)
     }

@@ -109,6 +109,24 @@ impl Volume {
     }
 
     /// Initialises a diff area for `origin` on `diff` and opens the volume.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use volshadow_block::FileImage;
+    /// use volshadow_cow::{FullPolicy, Volume, VolumeOptions, DEFAULT_CHUNK_SIZE};
+    ///
+    /// let dir = tempfile::tempdir().expect("temporary directory");
+    /// let origin = Arc::new(FileImage::create(dir.path().join("disk.img"), 16 << 20)?);
+    /// // Room for 4 MiB of old data; the oldest snapshot goes when it fills.
+    /// let diff_len = Volume::diff_area_len_for(4 << 20, DEFAULT_CHUNK_SIZE);
+    /// let diff = Arc::new(FileImage::create(dir.path().join("disk.diff"), diff_len)?);
+    /// let options = VolumeOptions { policy: FullPolicy::DeleteOldest, ..Default::default() };
+    /// let vol = Volume::create(origin, diff, options)?;
+    /// assert_eq!(vol.usage().capacity_bytes, 4 << 20);
+    /// # Ok::<(), volshadow_cow::Error>(())
+    /// ```
     pub fn create(
         origin: Arc<dyn BlockDevice>,
         diff: Arc<dyn BlockDevice>,
@@ -206,6 +224,33 @@ impl Volume {
     /// non-persistent snapshots are discarded, a fresh checkpoint is
     /// written, and an interrupted revert is finished. The origin must be
     /// the one the diff area was made for (same size and identity).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use volshadow_block::{BlockDevice, FileImage};
+    /// use volshadow_cow::{SnapshotOptions, Volume, VolumeOptions};
+    ///
+    /// let dir = tempfile::tempdir().expect("temporary directory");
+    /// let (img, dif) = (dir.path().join("disk.img"), dir.path().join("disk.diff"));
+    /// let vol = Volume::create(
+    ///     Arc::new(FileImage::create(&img, 1 << 20)?),
+    ///     Arc::new(FileImage::create(&dif, 8 << 20)?),
+    ///     VolumeOptions::default(),
+    /// )?;
+    /// let snap = vol.create_snapshot(SnapshotOptions { persistent: true, ..Default::default() })?;
+    /// vol.write_at(b"new", 0)?;
+    /// vol.close()?;
+    /// drop(vol); // releases the files' locks
+    ///
+    /// let vol = Volume::open(
+    ///     Arc::new(FileImage::open(&img)?),
+    ///     Arc::new(FileImage::open(&dif)?),
+    /// )?;
+    /// assert_eq!(vol.snapshots()[0].id, snap.id);
+    /// # Ok::<(), volshadow_cow::Error>(())
+    /// ```
     pub fn open(origin: Arc<dyn BlockDevice>, diff: Arc<dyn BlockDevice>) -> Result<Self> {
         Self::open_with(origin, diff, OpenMode::Normal)
     }

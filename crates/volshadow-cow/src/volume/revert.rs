@@ -18,6 +18,28 @@ impl Volume {
     /// Rolls the origin back to snapshot `id` (persistent snapshots only,
     /// as VSS). Newer snapshots stay valid: the revert writes through the
     /// normal copy-on-write path. Journaled; a crash mid-way resumes at open.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use volshadow_block::{BlockDevice, MemDevice};
+    /// # use volshadow_cow::{SnapshotOptions, Target, Volume, VolumeOptions};
+    /// # let vol = Volume::create(
+    /// #     Arc::new(MemDevice::new(1 << 20)),
+    /// #     Arc::new(MemDevice::new(8 << 20)),
+    /// #     VolumeOptions::default(),
+    /// # )?;
+    /// vol.write_at(b"good", 0)?;
+    /// let snap = vol.create_snapshot(SnapshotOptions { persistent: true, ..Default::default() })?;
+    /// vol.write_at(b"oops", 0)?;
+    ///
+    /// vol.revert(snap.id)?;
+    /// let mut buf = [0u8; 4];
+    /// vol.read_at(&mut buf, 0)?;
+    /// assert_eq!(&buf, b"good");
+    /// # Ok::<(), volshadow_cow::Error>(())
+    /// ```
     pub fn revert(&self, id: Uuid) -> Result<()> {
         self.inner.check_ok()?;
         let closed = self.inner.gate.close(DEFAULT_HOLD)?;

@@ -14,6 +14,25 @@ use super::{Inner, Volume};
 
 impl Volume {
     /// Rereads every preserved chunk and checks it against its hash.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use volshadow_block::{BlockDevice, MemDevice};
+    /// # use volshadow_cow::{SnapshotOptions, Target, Volume, VolumeOptions};
+    /// # let vol = Volume::create(
+    /// #     Arc::new(MemDevice::new(1 << 20)),
+    /// #     Arc::new(MemDevice::new(8 << 20)),
+    /// #     VolumeOptions::default(),
+    /// # )?;
+    /// vol.create_snapshot(SnapshotOptions { persistent: true, ..Default::default() })?;
+    /// vol.write_at(&[1; 8192], 0)?; // preserves one chunk
+    /// let report = vol.verify()?;
+    /// assert_eq!(report.checked, 1);
+    /// assert!(report.is_clean());
+    /// # Ok::<(), volshadow_cow::Error>(())
+    /// ```
     pub fn verify(&self) -> Result<VerifyReport> {
         self.verify_with_progress(|_, _| {})
     }
