@@ -67,6 +67,26 @@ struct WriterSlot {
 }
 
 /// Writers, providers (in order of preference) and their status.
+///
+/// Build it once, share it as an `Arc`; [`Coordinator::backup`] and
+/// [`Coordinator::restore`] start sessions. One snapshot set is created
+/// at a time.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use volshadow_vss::{Coordinator, CowProvider, ReflinkProvider};
+///
+/// let mut coordinator = Coordinator::new();
+/// coordinator.add_provider(Arc::new(CowProvider::new())); // preferred
+/// coordinator.add_provider(Arc::new(ReflinkProvider::new()));
+/// coordinator.timeouts.freeze = Duration::from_secs(20);
+/// let coordinator = Arc::new(coordinator);
+/// assert_eq!(coordinator.provider_info().len(), 2);
+/// assert!(coordinator.writer_status().is_empty());
+/// ```
 pub struct Coordinator {
     writers: Vec<WriterSlot>,
     providers: Vec<Arc<dyn Provider>>,
@@ -163,6 +183,7 @@ impl Coordinator {
             .collect()
     }
 
+    /// A backup session, driven in VSS's order (see [`BackupSession`]).
     pub fn backup(self: &Arc<Self>) -> BackupSession {
         BackupSession {
             coord: self.clone(),
@@ -257,6 +278,77 @@ enum BackupState {
 }
 
 /// The requester's backup, one call per VSS step.
+///
+/// # Example
+///
+/// A whole backup of one volume with one writer, in VSS's order:
+///
+/// ```
+/// use std::path::{Path, PathBuf};
+/// use std::sync::Arc;
+/// use uuid::Uuid;
+/// use volshadow_block::MemDevice;
+/// use volshadow_cow::{Volume, VolumeOptions};
+/// use volshadow_vss::*;
+///
+/// /// An application that flushes and holds its writes while frozen.
+/// struct App;
+///
+/// impl Writer for App {
+///     fn identify(&self) -> Result<WriterMetadata, WriterFailure> {
+///         Ok(WriterMetadata {
+///             name: "app".into(),
+///             writer_id: Uuid::from_u128(1),
+///             instance_id: Uuid::from_u128(2),
+///             usage: UsageType::UserData,
+///             restore_method: RestoreMethod::RestoreIfCanReplace,
+///             components: vec![Component {
+///                 logical_path: String::new(),
+///                 name: "db".into(),
+///                 paths: vec![PathBuf::from("/srv/db")],
+///                 volumes: vec![PathBuf::from("data.img")],
+///                 selectable: true,
+///             }],
+///         })
+///     }
+/// }
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let volume = Volume::create(
+///     Arc::new(MemDevice::new(1 << 20)),
+///     Arc::new(MemDevice::new(8 << 20)),
+///     VolumeOptions::default(),
+/// )?;
+/// let provider = Arc::new(CowProvider::new());
+/// provider.add_volume("data.img", volume.clone());
+/// let mut coordinator = Coordinator::new();
+/// coordinator.add_provider(provider);
+/// coordinator.add_writer(Arc::new(App));
+/// let coordinator = Arc::new(coordinator);
+///
+/// let mut session = coordinator.backup();
+/// session.initialize_for_backup()?;
+/// session.set_context(Context::AppRollback)?; // persistent, with writers
+/// session.set_backup_state(BackupType::Full, None)?;
+/// for writer in session.gather_writer_metadata()? {
+///     for component in &writer.components {
+///         session.add_component(writer.writer_id, &component.full_path())?;
+///     }
+/// }
+/// session.start_snapshot_set()?;
+/// session.add_to_snapshot_set(Path::new("data.img"))?;
+/// session.prepare_for_backup()?;
+/// session.do_snapshot_set()?; // freeze, commit, thaw
+/// // ... copy the snapshot (`session.snapshot_of`) to backup media ...
+/// session.backup_component_succeeded("db")?;
+/// let document = session.backup_complete()?;
+///
+/// assert_eq!(document.snapshots[0].snapshot_id, volume.snapshots()[0].id);
+/// let saved = document.to_json();
+/// assert_eq!(BackupDocument::from_json(&saved)?, document);
+/// # Ok(())
+/// # }
+/// ```
 pub struct BackupSession {
     coord: Arc<Coordinator>,
     state: BackupState,

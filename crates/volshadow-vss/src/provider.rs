@@ -50,6 +50,53 @@ pub struct CommitOptions {
 
 /// A provider, as the coordinator drives it (VSS's provider interface).
 /// A set is prepared volume by volume, then committed as one.
+///
+/// The coordinator calls, per set: `begin_prepare_snapshot` for each
+/// volume, `end_prepare_snapshot`, (writers freeze) `pre_commit`,
+/// `commit` (writes held only inside it), `post_commit`; `abort` on any
+/// failure. Implement it for storage that snapshots by other means (an
+/// array's hardware snapshots, say) and register it with
+/// [`Coordinator::add_provider`](crate::Coordinator::add_provider).
+///
+/// # Example
+///
+/// Driving the engine's own provider by hand, as the coordinator does:
+///
+/// ```
+/// use std::path::Path;
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use uuid::Uuid;
+/// use volshadow_block::MemDevice;
+/// use volshadow_cow::{Volume, VolumeOptions};
+/// use volshadow_vss::{CommitOptions, CowProvider, Provider};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let volume = Volume::create(
+///     Arc::new(MemDevice::new(1 << 20)),
+///     Arc::new(MemDevice::new(8 << 20)),
+///     VolumeOptions::default(),
+/// )?;
+/// let provider = CowProvider::new();
+/// provider.add_volume("data.img", volume.clone());
+///
+/// let set = Uuid::new_v4();
+/// provider.begin_prepare_snapshot(set, Path::new("data.img"))?;
+/// provider.end_prepare_snapshot(set)?;
+/// provider.pre_commit(set)?;
+/// let options = CommitOptions {
+///     persistent: true,
+///     attributes: 0,
+///     hold_timeout: Duration::from_secs(10),
+/// };
+/// provider.commit(set, &options)?;
+/// let made = provider.post_commit(set)?;
+///
+/// assert_eq!(made[0].set_id, set);
+/// assert_eq!(volume.snapshots()[0].id, made[0].snapshot_id);
+/// # Ok(())
+/// # }
+/// ```
 pub trait Provider: Send + Sync {
     fn name(&self) -> &str;
     fn id(&self) -> Uuid;

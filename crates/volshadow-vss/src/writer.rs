@@ -176,6 +176,57 @@ pub struct WriterMetadata {
 /// A writer. Synchronous, object-safe, shared between threads. Every call
 /// but `identify` defaults to success, so a writer implements what it
 /// needs.
+///
+/// Between `freeze` and `thaw` the application must not write (VSS gives
+/// it 60 s, [`Timeouts::freeze`](crate::Timeouts)); a failure in any call
+/// aborts the whole snapshot set, and the writer then gets `abort` and
+/// `thaw`.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Mutex;
+/// use uuid::Uuid;
+/// use volshadow_vss::*;
+///
+/// /// A database that stops taking writes while frozen.
+/// #[derive(Default)]
+/// struct Database {
+///     frozen: Mutex<bool>,
+/// }
+///
+/// impl Writer for Database {
+///     fn identify(&self) -> Result<WriterMetadata, WriterFailure> {
+///         Ok(WriterMetadata {
+///             name: "database".into(),
+///             writer_id: Uuid::from_u128(0xd8),
+///             instance_id: Uuid::new_v4(),
+///             usage: UsageType::UserData,
+///             restore_method: RestoreMethod::StopRestoreStart,
+///             components: Vec::new(),
+///         })
+///     }
+///     fn freeze(&self) -> WriterResult {
+///         let mut frozen = self.frozen.lock().map_err(|_| {
+///             WriterFailure::new(FailureKind::NonRetryable, "lock poisoned")
+///         })?;
+///         *frozen = true; // a real one flushes its log here, then holds writes
+///         Ok(())
+///     }
+///     fn thaw(&self) -> WriterResult {
+///         if let Ok(mut frozen) = self.frozen.lock() {
+///             *frozen = false;
+///         }
+///         Ok(())
+///     }
+/// }
+///
+/// let db = Database::default();
+/// db.freeze().unwrap();
+/// assert!(*db.frozen.lock().unwrap());
+/// db.thaw().unwrap();
+/// assert_eq!(db.identify().unwrap().name, "database");
+/// ```
 pub trait Writer: Send + Sync {
     fn identify(&self) -> Result<WriterMetadata, WriterFailure>;
     fn freeze_level(&self) -> FreezeLevel {
