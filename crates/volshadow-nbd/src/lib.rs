@@ -191,6 +191,50 @@ pub fn serve_tcp(listener: TcpListener, exports: Arc<dyn Exports>, stop: Arc<Ato
 /// Accepts clients on a Unix socket until `stop` is set (looked at when a
 /// client arrives, as for [`serve_tcp`]). Clients name it as
 /// `nbd+unix:///live?socket=PATH`.
+///
+/// # Example
+///
+/// ```
+/// use std::os::unix::net::{UnixListener, UnixStream};
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicBool, Ordering};
+/// use volshadow_block::MemDevice;
+/// use volshadow_nbd::{Export, Exports, serve_unix};
+///
+/// struct Disk(Arc<MemDevice>);
+///
+/// impl Exports for Disk {
+///     fn names(&self) -> Vec<String> {
+///         vec!["disk".into()]
+///     }
+///     fn open(&self, _name: &str) -> Option<Export> {
+///         Some(Export {
+///             name: "disk".into(),
+///             description: String::new(),
+///             device: self.0.clone(),
+///             changed: None,
+///         })
+///     }
+/// }
+///
+/// # fn main() -> std::io::Result<()> {
+/// let socket = std::env::temp_dir().join(format!("volshadow-doc-{}.sock", std::process::id()));
+/// let _ = std::fs::remove_file(&socket);
+/// let listener = UnixListener::bind(&socket)?;
+/// let stop = Arc::new(AtomicBool::new(false));
+/// let server = {
+///     let stop = stop.clone();
+///     let exports = Arc::new(Disk(Arc::new(MemDevice::new(1 << 20))));
+///     std::thread::spawn(move || serve_unix(listener, exports, stop))
+/// };
+/// // ... `nbdinfo "nbd+unix:///disk?socket=$SOCKET"` ...
+/// stop.store(true, Ordering::Relaxed);
+/// drop(UnixStream::connect(&socket)?); // wakes the accept loop
+/// server.join().expect("server thread");
+/// std::fs::remove_file(&socket)?;
+/// # Ok(())
+/// # }
+/// ```
 #[cfg(unix)]
 pub fn serve_unix(
     listener: std::os::unix::net::UnixListener,

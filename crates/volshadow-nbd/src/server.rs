@@ -86,7 +86,8 @@ impl Default for ConnectionOptions {
 }
 
 /// Serves one client over `reader` / `writer` (two halves of a socket)
-/// with the default [`ConnectionOptions`].
+/// with the default [`ConnectionOptions`]. The crate's front page has a
+/// complete example, a client's handshake and read included.
 pub fn serve_connection<R: Read + Send, W: Write + Send>(
     exports: &dyn Exports,
     reader: R,
