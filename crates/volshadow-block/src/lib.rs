@@ -8,7 +8,7 @@
 //!
 //! Backends: [`FileImage`] (regular or sparse file), [`MemDevice`] (RAM),
 //! [`RawVolume`] (Linux block device or Windows volume / disk handle) and,
-//! with the `faulty` feature, `FaultyDevice` for crash and fault tests.
+//! with the `testing` feature, `FaultyDevice` for crash and fault tests.
 //! [`open_device`] picks the backend from what a path is.
 //!
 //! # Example
@@ -39,7 +39,7 @@
 //! Implement [`BlockDevice`] to put the engine over storage of your own (a
 //! SAN LUN, an object store cache, a counting wrapper). Only six methods
 //! are required; check the contract with the `conformance` suite (feature
-//! `faulty`) in a test. The repository's `examples/embed.rs` runs the
+//! `testing`) in a test. The repository's `examples/embed.rs` runs the
 //! engine over such a device.
 //!
 //! `unsafe` lives only in `sys/`, one small function per OS call.
@@ -79,7 +79,7 @@ pub(crate) const ZERO_RUN: u64 = 1 << 20;
 /// A random-access block device shared by many threads.
 ///
 /// Contract for every implementation (checked by the `conformance`
-/// suite, feature `faulty`):
+/// suite, feature `testing`):
 /// - a request must lie entirely inside `0..len()`; otherwise it fails with
 ///   [`Error::OutOfRange`] and nothing is read or written (also when
 ///   `offset + len` overflows);
