@@ -4,6 +4,7 @@
  * compares against bytes this program wrote. Run under AddressSanitizer
  * (or valgrind) in CI. Usage: volshadow_test [SCRATCH_DIR] */
 #define _POSIX_C_SOURCE 200809L
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,6 +12,8 @@
 
 #include "volshadow.h"
 
+/* Counted only on the main thread; reader threads report through their
+ * own results. */
 static int passed, failed;
 
 #define CHECK(cond)                                                           \
@@ -38,6 +41,32 @@ static int all_zero(const uint8_t *buf, size_t len) {
         if (buf[i])
             return 0;
     return 1;
+}
+
+/* A reader thread: reads the snapshot over and over while the main
+ * thread writes the live volume; every read must show the snapshot. */
+struct reader {
+    const vs_volume *vol;
+    const uint8_t *id;
+    const uint8_t *expected;
+    size_t len;
+    int bad;
+};
+
+static void *read_snapshot_repeatedly(void *arg) {
+    struct reader *r = arg;
+    uint8_t *buf = malloc(r->len);
+    if (!buf) {
+        r->bad = 1;
+        return NULL;
+    }
+    for (int i = 0; i < 50; i++) {
+        if (vs_snapshot_read(r->vol, r->id, 0, buf, r->len) != VS_OK ||
+            memcmp(buf, r->expected, r->len) != 0)
+            r->bad++;
+    }
+    free(buf);
+    return NULL;
 }
 
 int main(int argc, char **argv) {
@@ -150,6 +179,25 @@ int main(int argc, char **argv) {
     CHECK(vs_volume_read(vol, 1 * MiB, got, sizeof c) == VS_OK && all_zero(got, sizeof c));
     CHECK(vs_volume_read(vol, 16 * KiB, got, sizeof b) == VS_OK);
     CHECK(memcmp(got, b, sizeof b) == 0);
+
+    /* One handle, several threads: readers of s2 while this thread
+     * overwrites the live volume. */
+    static uint8_t at_s2[64 * KiB], noise[64 * KiB];
+    CHECK(vs_snapshot_read(vol, s2.id, 0, at_s2, sizeof at_s2) == VS_OK);
+    fill(noise, sizeof noise, 9);
+    struct reader readers[4];
+    pthread_t threads[4];
+    for (int i = 0; i < 4; i++) {
+        readers[i] = (struct reader){vol, s2.id, at_s2, sizeof at_s2, 0};
+        CHECK(pthread_create(&threads[i], NULL, read_snapshot_repeatedly, &readers[i]) == 0);
+    }
+    for (int i = 0; i < 50; i++)
+        CHECK(vs_volume_write(vol, (uint64_t)(i % 4) * 16 * KiB, noise, 16 * KiB) == VS_OK);
+    for (int i = 0; i < 4; i++) {
+        CHECK(pthread_join(threads[i], NULL) == 0);
+        CHECK(readers[i].bad == 0);
+    }
+    CHECK(vs_volume_revert(vol, s2.id) == VS_OK);
 
     /* Close, reopen: the persistent snapshot is still there and a second
      * opener is refused while the first holds the files. */
