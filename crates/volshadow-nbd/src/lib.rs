@@ -1,11 +1,13 @@
 //! An NBD server (fixed newstyle) for volshadow: the live volume is served
 //! read-write, each snapshot read-only.
 //!
-//! Options: GO, INFO, LIST, ABORT, STRUCTURED_REPLY, LIST_META_CONTEXT and
-//! SET_META_CONTEXT with `base:allocation` and `volshadow:changed`.
-//! Commands: READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS,
-//! CACHE, DISC. Each connection runs on its own thread; the requests of
-//! one connection run concurrently on a few workers (`transmission`).
+//! Options: GO, INFO, LIST, ABORT, STARTTLS, STRUCTURED_REPLY,
+//! LIST_META_CONTEXT and SET_META_CONTEXT with `base:allocation` and
+//! `volshadow:changed`. Commands: READ, WRITE (FUA), FLUSH, TRIM,
+//! WRITE_ZEROES, BLOCK_STATUS, CACHE, DISC. Each connection runs on its own
+//! thread; the requests of one connection run concurrently on a few
+//! workers (`transmission`). TLS (rustls) with x509 credentials, optional
+//! or required (`tls`); the handshake has a time limit (`deadline`).
 //!
 //! # Guide
 //!
@@ -13,9 +15,9 @@
 //! [`BlockDevice`](volshadow_block::BlockDevice) (a `Volume` for the live
 //! volume, a `SnapshotView` for a snapshot; a read-only device is exported
 //! read-only) and, optionally, a [`ChangedFn`] answering the
-//! `volshadow:changed` context. Then serve a [`TcpListener`] with
-//! [`serve_tcp`], a Unix socket with `serve_unix`, or one connection you
-//! accepted yourself with [`serve_connection`]. Clients such as `nbdcopy`,
+//! `volshadow:changed` context. Then serve a TCP or Unix listener with
+//! [`serve`] (TLS and the other [`ServeOptions`] included), or one
+//! connection you accepted yourself with [`serve_connection`]. Clients such as `nbdcopy`,
 //! `qemu-img` or the kernel's `nbd-client` connect to it.
 //!
 //! # Example
@@ -91,41 +93,49 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod deadline;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod fuzzing;
+mod listen;
 pub mod proto;
 mod server;
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod test_certs;
+pub mod tls;
 mod transmission;
 
-use std::net::TcpListener;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tracing::{info, warn};
 
+pub use listen::{Listener, Stream};
 pub use server::{
-    ChangedFn, ConnectionError, ConnectionOptions, Export, Exports, serve_connection,
-    serve_connection_with,
+    ChangedFn, ConnectionOptions, Error, Export, Exports, ServeOptions, serve_connection,
+    serve_connection_with, serve_stream,
 };
+pub use tls::TlsMode;
 
-/// Accepts TCP clients until `stop` is set, one thread each.
-///
-/// `stop` is looked at when a client arrives, so after setting it connect
-/// once more to make the loop return.
+/// Accepts clients on a TCP or Unix listener for ever, each on its own
+/// thread. A client that fails (a broken handshake, a protocol violation,
+/// a lost connection) ends only its own connection. The process stops it
+/// (`volshadow serve` closes the volume and exits on a signal).
 ///
 /// # Example
 ///
 /// The live volume of a copy-on-write volume, read-write, on a port the
-/// system picks:
+/// system picks, plaintext (TLS: [`ServeOptions::tls`] from
+/// [`tls::load_x509`]):
 ///
 /// ```
+/// use std::io::Read;
 /// use std::net::{TcpListener, TcpStream};
 /// use std::sync::Arc;
-/// use std::sync::atomic::{AtomicBool, Ordering};
 /// use volshadow_block::MemDevice;
 /// use volshadow_cow::{Volume, VolumeOptions};
-/// use volshadow_nbd::{Export, Exports, serve_tcp};
+/// use volshadow_nbd::{Export, Exports, ServeOptions, proto::NBDMAGIC, serve};
 ///
 /// #[derive(Debug)]
 /// struct Live(Volume);
@@ -152,107 +162,33 @@ pub use server::{
 /// )?;
 /// let listener = TcpListener::bind("127.0.0.1:0")?;
 /// let addr = listener.local_addr()?;
-/// let stop = Arc::new(AtomicBool::new(false));
-/// let server = {
-///     let stop = stop.clone();
-///     std::thread::spawn(move || serve_tcp(listener, Arc::new(Live(volume)), stop))
-/// };
+/// let exports = Arc::new(Live(volume));
+/// std::thread::spawn(move || serve(listener, exports, ServeOptions::default()));
 /// // ... `nbdcopy nbd://{addr}/live out.raw` ...
-/// stop.store(true, Ordering::Relaxed);
-/// drop(TcpStream::connect(addr)?); // wakes the accept loop
-/// server.join().expect("server thread");
+/// let mut greeting = [0u8; 8];
+/// TcpStream::connect(addr)?.read_exact(&mut greeting)?;
+/// assert_eq!(greeting, NBDMAGIC.to_be_bytes());
 /// # Ok(())
 /// # }
 /// ```
-pub fn serve_tcp(listener: TcpListener, exports: Arc<dyn Exports>, stop: Arc<AtomicBool>) {
-    for stream in listener.incoming() {
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        let Ok(stream) = stream else { continue };
-        let _ = stream.set_nodelay(true);
-        let exports = exports.clone();
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+pub fn serve<L: Listener>(listener: L, exports: Arc<dyn Exports>, options: ServeOptions) -> ! {
+    let options = Arc::new(options);
+    loop {
+        let stream = match listener.accept() {
+            Ok(stream) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: wait rather than spin.
+                warn!(error = %e, "cannot accept an NBD client");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let (exports, options) = (exports.clone(), options.clone());
         std::thread::spawn(move || {
-            let Ok(reader) = stream.try_clone() else {
-                return;
-            };
-            match serve_connection(&*exports, reader, &stream) {
+            let peer = stream.peer();
+            match serve_stream(&*exports, stream, &options) {
                 Ok(()) => info!(%peer, "NBD client left"),
                 Err(e) => warn!(%peer, error = %e, "NBD connection closed"),
-            }
-        });
-    }
-}
-
-/// Accepts clients on a Unix socket until `stop` is set (looked at when a
-/// client arrives, as for [`serve_tcp`]). Clients name it as
-/// `nbd+unix:///live?socket=PATH`.
-///
-/// # Example
-///
-/// ```
-/// use std::os::unix::net::{UnixListener, UnixStream};
-/// use std::sync::Arc;
-/// use std::sync::atomic::{AtomicBool, Ordering};
-/// use volshadow_block::MemDevice;
-/// use volshadow_nbd::{Export, Exports, serve_unix};
-///
-/// struct Disk(Arc<MemDevice>);
-///
-/// impl Exports for Disk {
-///     fn names(&self) -> Vec<String> {
-///         vec!["disk".into()]
-///     }
-///     fn open(&self, _name: &str) -> Option<Export> {
-///         Some(Export {
-///             name: "disk".into(),
-///             description: String::new(),
-///             device: self.0.clone(),
-///             changed: None,
-///         })
-///     }
-/// }
-///
-/// # fn main() -> std::io::Result<()> {
-/// let socket = std::env::temp_dir().join(format!("volshadow-doc-{}.sock", std::process::id()));
-/// let _ = std::fs::remove_file(&socket);
-/// let listener = UnixListener::bind(&socket)?;
-/// let stop = Arc::new(AtomicBool::new(false));
-/// let server = {
-///     let stop = stop.clone();
-///     let exports = Arc::new(Disk(Arc::new(MemDevice::new(1 << 20))));
-///     std::thread::spawn(move || serve_unix(listener, exports, stop))
-/// };
-/// // ... `nbdinfo "nbd+unix:///disk?socket=$SOCKET"` ...
-/// stop.store(true, Ordering::Relaxed);
-/// drop(UnixStream::connect(&socket)?); // wakes the accept loop
-/// server.join().expect("server thread");
-/// std::fs::remove_file(&socket)?;
-/// # Ok(())
-/// # }
-/// ```
-#[cfg(unix)]
-pub fn serve_unix(
-    listener: std::os::unix::net::UnixListener,
-    exports: Arc<dyn Exports>,
-    stop: Arc<AtomicBool>,
-) {
-    for stream in listener.incoming() {
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        let Ok(stream) = stream else { continue };
-        let exports = exports.clone();
-        std::thread::spawn(move || {
-            let Ok(reader) = stream.try_clone() else {
-                return;
-            };
-            if let Err(e) = serve_connection(&*exports, reader, &stream) {
-                warn!(error = %e, "NBD connection closed");
             }
         });
     }

@@ -1,15 +1,22 @@
-//! One NBD connection: fixed-newstyle handshake and option haggling, then
-//! the transmission phase (`transmission.rs`). A protocol violation closes
+//! One NBD connection: fixed-newstyle handshake and option haggling (with
+//! TLS after `NBD_OPT_STARTTLS` where the server offers it), then the
+//! transmission phase (`transmission.rs`). A protocol violation closes
 //! that connection only; a bad request gets an NBD error reply and the
 //! connection goes on.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use rustls::ServerConfig;
 use tracing::debug;
 use volshadow_block::{BlockDevice, Extent};
 
+use crate::deadline::{Deadline, Timed};
+use crate::listen::Stream;
 use crate::proto::*;
+use crate::tls::{self, TlsMode};
 use crate::transmission::{self, Negotiated};
 
 /// Produces the changed extents `(offset, len)` of an export within
@@ -44,32 +51,28 @@ pub trait Exports: Send + Sync {
     fn open(&self, name: &str) -> Option<Export>;
 }
 
-/// Why a connection ended other than by a clean disconnect.
+/// What went wrong: a connection that ended other than by a clean
+/// disconnect, or TLS credentials that cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectionError {
+pub enum Error {
     #[error("I/O error on the connection: {0}")]
     Io(#[from] io::Error),
     #[error("protocol violation: {0}")]
     Protocol(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("TLS credentials {}: {reason}", path.display())]
+    Credentials { path: PathBuf, reason: String },
 }
 
-type Result<T> = std::result::Result<T, ConnectionError>;
+type Result<T> = std::result::Result<T, Error>;
 
 fn violation<T>(msg: impl Into<String>) -> Result<T> {
-    Err(ConnectionError::Protocol(msg.into()))
+    Err(Error::Protocol(msg.into()))
 }
 
 pub(crate) const CONTEXT_ID_ALLOCATION: u32 = 1;
 const CONTEXT_ID_CHANGED: u32 = 2;
-
-struct Conn<'a, R: Read, W: Write> {
-    exports: &'a dyn Exports,
-    rd: BufReader<R>,
-    wr: BufWriter<W>,
-    no_zeroes: bool,
-    structured: bool,
-    contexts: Vec<u32>,
-}
 
 /// How one connection is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,9 +88,54 @@ impl Default for ConnectionOptions {
     }
 }
 
+/// How a server serves every client.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub tls: TlsMode,
+    /// Every export read-only, whatever its device allows.
+    pub read_only: bool,
+    /// From connecting to the transmission phase, TLS handshake included
+    /// (qemu-nbd's default handshake limit is the same 10 s).
+    pub handshake_limit: Duration,
+    pub connection: ConnectionOptions,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            tls: TlsMode::Off,
+            read_only: false,
+            handshake_limit: Duration::from_secs(10),
+            connection: ConnectionOptions::default(),
+        }
+    }
+}
+
+/// Where option haggling ended.
+enum Haggled {
+    /// The client ended the session.
+    Abort,
+    /// Transmission on this export.
+    Go(Export),
+    /// `NBD_OPT_STARTTLS` was acknowledged: TLS next.
+    StartTls(Arc<ServerConfig>),
+}
+
+struct Conn<'a, R: Read, W: Write> {
+    exports: &'a dyn Exports,
+    options: &'a ServeOptions,
+    rd: BufReader<R>,
+    wr: BufWriter<W>,
+    no_zeroes: bool,
+    /// Options now travel over TLS.
+    secure: bool,
+    structured: bool,
+    contexts: Vec<u32>,
+}
+
 /// Serves one client over `reader` / `writer` (two halves of a socket)
-/// with the default [`ConnectionOptions`]. The crate's front page has a
-/// complete example, a client's handshake and read included.
+/// with the default [`ConnectionOptions`] and no TLS. The crate's front
+/// page has a complete example, a client's handshake and read included.
 pub fn serve_connection<R: Read + Send, W: Write + Send>(
     exports: &dyn Exports,
     reader: R,
@@ -96,30 +144,91 @@ pub fn serve_connection<R: Read + Send, W: Write + Send>(
     serve_connection_with(exports, reader, writer, ConnectionOptions::default())
 }
 
-/// Serves one client over `reader` / `writer` as `options` say.
+/// Serves one client over `reader` / `writer` as `options` say, no TLS
+/// and no handshake time limit (the caller owns the transport).
 pub fn serve_connection_with<R: Read + Send, W: Write + Send>(
     exports: &dyn Exports,
     reader: R,
     writer: W,
     options: ConnectionOptions,
 ) -> Result<()> {
-    let mut c = Conn {
-        exports,
-        rd: BufReader::new(reader),
-        wr: BufWriter::new(writer),
-        no_zeroes: false,
-        structured: false,
-        contexts: Vec::new(),
+    let options = ServeOptions {
+        connection: options,
+        ..ServeOptions::default()
     };
-    let Some(export) = c.handshake()? else {
-        return Ok(());
+    let mut c = Conn::new(exports, &options, reader, writer);
+    c.greet()?;
+    match c.haggle()? {
+        Haggled::Go(export) => c.transmit(&export),
+        Haggled::Abort | Haggled::StartTls(_) => Ok(()),
+    }
+}
+
+/// Serves one client on `stream` as `options` say: the handshake within
+/// its time limit (TLS when the client asks or the server requires it),
+/// then the transmission phase.
+pub fn serve_stream<S: Stream>(
+    exports: &dyn Exports,
+    stream: S,
+    options: &ServeOptions,
+) -> Result<()> {
+    let deadline = Deadline::start(options.handshake_limit);
+    let rd = Timed::new(stream.try_clone()?, deadline.clone());
+    let wr = Timed::new(stream.try_clone()?, deadline.clone());
+    let mut plain = Conn::new(exports, options, rd, wr);
+    plain.greet()?;
+    let config = match plain.haggle()? {
+        Haggled::Abort => return Ok(()),
+        Haggled::Go(export) => {
+            deadline.end(&stream)?;
+            return plain.transmit(&export);
+        }
+        Haggled::StartTls(config) => config,
     };
-    debug!(export = %export.name, "transmission phase");
-    let negotiated = Negotiated {
-        structured: c.structured,
-        contexts: c.contexts,
-    };
-    transmission::run(&export, negotiated, options.workers.max(1), &mut c.rd, c.wr)
+    let no_zeroes = plain.no_zeroes;
+    let early = plain.rd.buffer().to_vec();
+    let rd = plain.rd.into_inner();
+    let wr = plain.wr.into_inner().map_err(|e| e.into_error())?;
+    let (rd, wr) = tls::accept(config, rd, wr, early)?;
+    debug!(peer = %stream.peer(), "TLS session up");
+    let mut secure = Conn::new(exports, options, rd, wr);
+    secure.no_zeroes = no_zeroes;
+    secure.secure = true;
+    match secure.haggle()? {
+        Haggled::Abort => Ok(()),
+        Haggled::Go(export) => {
+            deadline.end(&stream)?;
+            secure.transmit(&export)
+        }
+        Haggled::StartTls(_) => violation("STARTTLS inside TLS"),
+    }
+}
+
+impl<'a, R: Read + Send, W: Write + Send> Conn<'a, R, W> {
+    fn new(exports: &'a dyn Exports, options: &'a ServeOptions, reader: R, writer: W) -> Self {
+        Conn {
+            exports,
+            options,
+            rd: BufReader::new(reader),
+            wr: BufWriter::new(writer),
+            no_zeroes: false,
+            secure: false,
+            structured: false,
+            contexts: Vec::new(),
+        }
+    }
+
+    fn transmit(self, export: &Export) -> Result<()> {
+        debug!(export = %export.name, "transmission phase");
+        let negotiated = Negotiated {
+            structured: self.structured,
+            contexts: self.contexts,
+            read_only: self.options.read_only || export.device.is_read_only(),
+        };
+        let mut rd = self.rd;
+        let workers = self.options.connection.workers.max(1);
+        transmission::run(export, negotiated, workers, &mut rd, self.wr)
+    }
 }
 
 impl<R: Read, W: Write> Conn<'_, R, W> {
@@ -148,9 +257,13 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
         self.opt_reply(opt, kind, msg.as_bytes())
     }
 
-    fn transmission_flags(export: &Export) -> u16 {
+    fn read_only(&self, export: &Export) -> bool {
+        self.options.read_only || export.device.is_read_only()
+    }
+
+    fn transmission_flags(&self, export: &Export) -> u16 {
         let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_CAN_MULTI_CONN;
-        if export.device.is_read_only() {
+        if self.read_only(export) {
             f |= TFLAG_READ_ONLY;
         } else {
             f |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
@@ -158,8 +271,8 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
         f
     }
 
-    /// Option haggling. `Ok(None)`: the client ended the session.
-    fn handshake(&mut self) -> Result<Option<Export>> {
+    /// The server's greeting and the client's flags.
+    fn greet(&mut self) -> Result<()> {
         self.wr.write_all(&NBDMAGIC.to_be_bytes())?;
         self.wr.write_all(&IHAVEOPT.to_be_bytes())?;
         self.wr
@@ -170,6 +283,13 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             return violation(format!("unknown client flags {client:#x}"));
         }
         self.no_zeroes = client & FLAG_C_NO_ZEROES != 0;
+        Ok(())
+    }
+
+    /// Option haggling, until the client picks an export, ends the
+    /// session or starts TLS.
+    fn haggle(&mut self) -> Result<Haggled> {
+        let tls_required = matches!(self.options.tls, TlsMode::Require(_)) && !self.secure;
         loop {
             let magic = self.read_u64()?;
             if magic != IHAVEOPT {
@@ -185,6 +305,37 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             let mut data = vec![0u8; len as usize];
             self.rd.read_exact(&mut data)?;
             match opt {
+                OPT_ABORT => {
+                    let _ = self.opt_reply(opt, REP_ACK, &[]);
+                    return Ok(Haggled::Abort);
+                }
+                OPT_STARTTLS => {
+                    let config = match &self.options.tls {
+                        TlsMode::Allow(c) | TlsMode::Require(c) => c.clone(),
+                        TlsMode::Off => {
+                            self.opt_error(opt, REP_ERR_POLICY, "TLS is not offered")?;
+                            continue;
+                        }
+                    };
+                    if self.secure {
+                        self.opt_error(opt, REP_ERR_INVALID, "TLS is already on")?;
+                    } else if !data.is_empty() {
+                        self.opt_error(opt, REP_ERR_INVALID, "STARTTLS takes no data")?;
+                    } else {
+                        self.opt_reply(opt, REP_ACK, &[])?;
+                        return Ok(Haggled::StartTls(config));
+                    }
+                }
+                // It cannot be answered with an error: the spec says end
+                // the session.
+                OPT_EXPORT_NAME if tls_required => {
+                    return violation("NBD_OPT_EXPORT_NAME before TLS on a TLS-only server");
+                }
+                _ if tls_required => self.opt_error(
+                    opt,
+                    REP_ERR_TLS_REQD,
+                    "this server requires TLS (NBD_OPT_STARTTLS first)",
+                )?,
                 OPT_EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data).into_owned();
                     let Some(export) = self.exports.open(&name) else {
@@ -192,16 +343,12 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                     };
                     self.wr.write_all(&export.device.len().to_be_bytes())?;
                     self.wr
-                        .write_all(&Self::transmission_flags(&export).to_be_bytes())?;
+                        .write_all(&self.transmission_flags(&export).to_be_bytes())?;
                     if !self.no_zeroes {
                         self.wr.write_all(&[0u8; 124])?;
                     }
                     self.wr.flush()?;
-                    return Ok(Some(export));
-                }
-                OPT_ABORT => {
-                    let _ = self.opt_reply(opt, REP_ACK, &[]);
-                    return Ok(None);
+                    return Ok(Haggled::Go(export));
                 }
                 OPT_LIST => {
                     if !data.is_empty() {
@@ -215,7 +362,6 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                     }
                     self.opt_reply(opt, REP_ACK, &[])?;
                 }
-                OPT_STARTTLS => self.opt_error(opt, REP_ERR_POLICY, "TLS is not offered")?,
                 OPT_INFO | OPT_GO => {
                     let Some(req) = parse_info(&data) else {
                         self.opt_error(opt, REP_ERR_INVALID, "malformed INFO/GO")?;
@@ -228,7 +374,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                     self.send_info(opt, &export, &req.infos)?;
                     self.opt_reply(opt, REP_ACK, &[])?;
                     if opt == OPT_GO {
-                        return Ok(Some(export));
+                        return Ok(Haggled::Go(export));
                     }
                 }
                 OPT_STRUCTURED_REPLY => {
@@ -248,7 +394,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
     fn send_info(&mut self, opt: u32, export: &Export, asked: &[u16]) -> io::Result<()> {
         let mut d = INFO_EXPORT.to_be_bytes().to_vec();
         d.extend_from_slice(&export.device.len().to_be_bytes());
-        d.extend_from_slice(&Self::transmission_flags(export).to_be_bytes());
+        d.extend_from_slice(&self.transmission_flags(export).to_be_bytes());
         self.opt_reply(opt, REP_INFO, &d)?;
         let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
         d.extend_from_slice(&1u32.to_be_bytes());

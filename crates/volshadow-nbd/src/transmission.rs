@@ -24,7 +24,7 @@ use tracing::warn;
 use volshadow_block::{BlockDevice, Extent};
 
 use crate::proto::*;
-use crate::server::{CONTEXT_ID_ALLOCATION, ConnectionError, Export};
+use crate::server::{CONTEXT_ID_ALLOCATION, Error, Export};
 
 /// Read buffers and write payloads held for in-flight requests of one
 /// connection. One request larger than this still runs, alone.
@@ -34,6 +34,8 @@ const MAX_IN_FLIGHT_BYTES: u64 = 16 << 20;
 pub(crate) struct Negotiated {
     pub structured: bool,
     pub contexts: Vec<u32>,
+    /// Writes are refused (the device's or the server's choice).
+    pub read_only: bool,
 }
 
 /// Runs the transmission phase until the client disconnects, breaks the
@@ -45,11 +47,12 @@ pub(crate) fn run<R: Read + Send, W: Write + Send>(
     workers: usize,
     rd: &mut BufReader<R>,
     wr: BufWriter<W>,
-) -> Result<(), ConnectionError> {
+) -> Result<(), Error> {
     let conn = Connection {
         export,
         structured: negotiated.structured,
         contexts: negotiated.contexts,
+        read_only: negotiated.read_only,
         reader: Mutex::new(Reader { rd, end: None }),
         wr: Mutex::new(wr),
         budget: Budget::default(),
@@ -65,7 +68,7 @@ pub(crate) fn run<R: Read + Send, W: Write + Send>(
     }
     // NBD_CMD_DISC and a clean close both mean "done": make the client's
     // writes durable as a graceful disconnect promises.
-    if !export.device.is_read_only() {
+    if !conn.read_only {
         let _ = export.device.flush();
     }
     match lock(&conn.send_error).take() {
@@ -77,7 +80,7 @@ pub(crate) fn run<R: Read + Send, W: Write + Send>(
 struct Reader<'a, R> {
     rd: &'a mut BufReader<R>,
     /// Set when the client is done (`Ok`) or the stream is unusable.
-    end: Option<Result<(), ConnectionError>>,
+    end: Option<Result<(), Error>>,
 }
 
 struct Job {
@@ -92,6 +95,7 @@ struct Connection<'a, R, W: Write> {
     export: &'a Export,
     structured: bool,
     contexts: Vec<u32>,
+    read_only: bool,
     reader: Mutex<Reader<'a, R>>,
     wr: Mutex<BufWriter<W>>,
     budget: Budget,
@@ -163,24 +167,21 @@ impl<'a, R: Read + Send, W: Write + Send> Connection<'a, R, W> {
     }
 
     /// Reads the next request. `Ok(None)`: the client disconnected.
-    fn next_job(&self, rd: &mut BufReader<R>) -> Result<Option<Job>, ConnectionError> {
+    fn next_job(&self, rd: &mut BufReader<R>) -> Result<Option<Job>, Error> {
         let mut hdr = [0u8; Request::LEN];
         match rd.read_exact(&mut hdr) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e.into()),
         }
-        let req = Request::parse(&hdr)
-            .map_err(|e| ConnectionError::Protocol(format!("bad request: {e:?}")))?;
+        let req =
+            Request::parse(&hdr).map_err(|e| Error::Protocol(format!("bad request: {e:?}")))?;
         let payload = match req.kind {
             CMD_DISC => return Ok(None),
             CMD_WRITE if req.length > MAX_PAYLOAD => {
                 // Its payload cannot be skipped safely: the stream is lost.
                 let _ = self.error(&req, EINVAL, "write too large");
-                return Err(ConnectionError::Protocol(format!(
-                    "write of {} bytes",
-                    req.length
-                )));
+                return Err(Error::Protocol(format!("write of {} bytes", req.length)));
             }
             CMD_WRITE => u64::from(req.length),
             CMD_READ if req.length <= MAX_PAYLOAD => u64::from(req.length),
@@ -214,12 +215,12 @@ impl<'a, R: Read + Send, W: Write + Send> Connection<'a, R, W> {
             })
         };
         match req.kind {
-            CMD_WRITE if dev.is_read_only() => self.error(req, EPERM, "read-only export"),
+            CMD_WRITE if self.read_only => self.error(req, EPERM, "read-only export"),
             CMD_WRITE if !in_range => self.error(req, EINVAL, "write past the end"),
             CMD_WRITE => self.finish(req, fua(dev.write_at(&data, req.offset))),
             CMD_READ => self.read(req, dev, in_range),
             CMD_FLUSH => self.finish(req, dev.flush()),
-            CMD_TRIM | CMD_WRITE_ZEROES if dev.is_read_only() => {
+            CMD_TRIM | CMD_WRITE_ZEROES if self.read_only => {
                 self.error(req, EPERM, "read-only export")
             }
             CMD_TRIM | CMD_WRITE_ZEROES if !in_range => {
