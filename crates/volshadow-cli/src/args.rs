@@ -169,17 +169,7 @@ pub(crate) enum Command {
         on: Option<PathBuf>,
     },
     /// Serve the live volume and its shadow copies over NBD.
-    Serve {
-        /// The volume's image.
-        #[arg(long = "for", value_name = "IMG")]
-        volume: PathBuf,
-        /// Unix socket to listen on.
-        #[arg(long, conflicts_with = "listen")]
-        socket: Option<PathBuf>,
-        /// TCP address to listen on (default 127.0.0.1:10809).
-        #[arg(long)]
-        listen: Option<String>,
-    },
+    Serve(ServeArgs),
     /// Mount the volume as files with FUSE, in the foreground like `serve`:
     /// DIR/live (read-write) and DIR/shadows/<id> (read-only), each the
     /// size of the volume. Shadow copies made meanwhile appear.
@@ -299,6 +289,50 @@ pub(crate) enum ImageCommand {
         #[arg(long, value_parser = parse_positive_size)]
         size: u64,
     },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// The volume's image.
+    #[arg(long = "for", value_name = "IMG")]
+    pub(crate) volume: PathBuf,
+    /// Unix socket to listen on.
+    #[arg(long, conflicts_with = "listen")]
+    pub(crate) socket: Option<PathBuf>,
+    /// TCP address to listen on (default 127.0.0.1:10809). An address
+    /// other than loopback needs TLS required, or --insecure.
+    #[arg(long)]
+    pub(crate) listen: Option<String>,
+    /// TLS credentials: a directory with server-cert.pem and
+    /// server-key.pem (and ca-cert.pem for --tls-verify-peer), the layout
+    /// qemu-nbd and libnbd use. TLS is then required unless --tls allow.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) tls_creds: Option<PathBuf>,
+    /// Whether plaintext clients are served too (needs --tls-creds).
+    #[arg(long, value_enum, requires = "tls_creds")]
+    pub(crate) tls: Option<TlsPolicy>,
+    /// Clients must present a certificate that chains to DIR/ca-cert.pem.
+    #[arg(long, requires = "tls_creds")]
+    pub(crate) tls_verify_peer: bool,
+    /// Listen on a non-loopback address without TLS required: anyone who
+    /// can reach the port may read (and write) the served volume.
+    #[arg(long)]
+    pub(crate) insecure: bool,
+    /// Serve every export read-only (writes get EPERM).
+    #[arg(long)]
+    pub(crate) read_only: bool,
+    /// Offer only this export (`live` or a shadow copy id); repeatable.
+    /// Default: the live volume and every shadow copy.
+    #[arg(long = "export", value_name = "live|ID")]
+    pub(crate) exports: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum TlsPolicy {
+    /// Plaintext clients get NBD_REP_ERR_TLS_REQD (the default).
+    Require,
+    /// Clients choose: TLS or plaintext.
+    Allow,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

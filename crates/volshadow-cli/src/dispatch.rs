@@ -122,11 +122,7 @@ pub(crate) fn run(cmd: Command) -> Result<()> {
             salvage,
             json,
         } => maintain::verify(&volume, salvage, json),
-        Command::Serve {
-            volume,
-            socket,
-            listen,
-        } => serve::serve(&volume, socket, listen),
+        Command::Serve(args) => serve::serve(args),
         Command::Quickstart { dir } => quickstart::run(dir),
         Command::Bench {
             volume,

@@ -1,6 +1,7 @@
 //! What `volshadow serve` offers over NBD: `live` (read-write, the default
 //! export) and every live shadow copy by id (read-only). Shadow copies made
-//! while serving appear at once.
+//! while serving appear at once, unless `serve --export` named the exports
+//! to offer: then only those are listed and opened.
 
 use std::sync::Arc;
 
@@ -12,11 +13,20 @@ use crate::ops::resolve;
 #[derive(Debug)]
 pub struct VolumeExports {
     vol: Volume,
+    /// Export names offered (`live`, full shadow copy ids), the default
+    /// first; `None`: all.
+    only: Option<Vec<String>>,
 }
 
 impl VolumeExports {
-    pub fn new(vol: Volume) -> Self {
-        VolumeExports { vol }
+    pub fn new(vol: Volume, only: Option<Vec<String>>) -> Self {
+        VolumeExports { vol, only }
+    }
+
+    fn offered(&self, name: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|n| n == name))
     }
 }
 
@@ -29,12 +39,29 @@ impl Exports for VolumeExports {
     fn names(&self) -> Vec<String> {
         let mut names = vec!["live".to_string()];
         names.extend(self.vol.snapshots().iter().map(|s| s.id.to_string()));
-        names
+        match &self.only {
+            // In the order given; a deleted shadow copy is not listed.
+            Some(only) => only.iter().filter(|n| names.contains(n)).cloned().collect(),
+            None => names,
+        }
     }
 
     fn open(&self, name: &str) -> Option<Export> {
+        let default = match &self.only {
+            Some(only) => only.first()?.as_str(),
+            None => "live",
+        };
+        let export = self.open_any(if name.is_empty() { default } else { name })?;
+        self.offered(&export.name).then_some(export)
+    }
+}
+
+impl VolumeExports {
+    /// The export `name` (`live`, or a shadow copy id or its prefix),
+    /// offered or not.
+    fn open_any(&self, name: &str) -> Option<Export> {
         let snaps = self.vol.snapshots();
-        if name.is_empty() || name == "live" {
+        if name == "live" {
             // Changed since the newest shadow copy.
             let changed = snaps.last().map(|newest| {
                 let (vol, id) = (self.vol.clone(), newest.id);
