@@ -69,7 +69,7 @@ impl VolumeExports {
             });
             return Some(Export {
                 name: "live".into(),
-                description: "live volume (read-write)".into(),
+                description: "live volume".into(),
                 device: Arc::new(self.vol.clone()),
                 changed,
             });
