@@ -11,18 +11,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// Skips (with a printed reason) unless all tools are present. CI installs
-/// them, so a skip there would show in the log.
-fn tools(names: &[&str]) -> bool {
-    for t in names {
-        if !have(t) {
-            eprintln!("SKIP: {t} is not installed");
-            return false;
-        }
-    }
-    true
-}
-
 #[test]
 fn real_clients_read_write_and_compare() {
     if !tools(&["qemu-img", "qemu-io", "nbdinfo", "nbdcopy"]) {

@@ -17,16 +17,6 @@ use std::time::Duration;
 use common::*;
 use volshadow_nbd::test_certs::TestCa;
 
-fn tools(names: &[&str]) -> bool {
-    for t in names {
-        if !have(t) {
-            eprintln!("SKIP: {t} is not installed");
-            return false;
-        }
-    }
-    true
-}
-
 /// `volshadow serve --for disk.img ARGS`, killed on drop; `addr` is what
 /// it says it listens on (`127.0.0.1:PORT` or the socket's URI).
 struct Serve {
@@ -97,17 +87,13 @@ fn fails(cmd: &str, args: &[&str]) -> Output {
     out
 }
 
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 7 % 251) as u8).collect()
-}
-
 /// A 16 MiB volume holding a pattern, one shadow copy of it, then the
 /// first MiB of live overwritten. Returns the directory, the shadow copy's
 /// id and its expected bytes.
 fn volume_with_copy() -> (tempfile::TempDir, String, Vec<u8>) {
     let dir = volume("16M");
     let d = dir.path();
-    let data = pattern(16 << 20);
+    let data = pattern(16 << 20, 7);
     write_file(d, "data.bin", &data);
     vs(
         d,

@@ -91,6 +91,18 @@ pub fn add_storage(dir: &Path, img: &str, diff: &str, max: &str, extra: &[&str])
     vs(dir, &args);
 }
 
+/// Skips (with a printed reason) unless all tools are present. CI installs
+/// them, so a skip there would show in the log.
+pub fn tools(names: &[&str]) -> bool {
+    for t in names {
+        if !have(t) {
+            eprintln!("SKIP: {t} is not installed");
+            return false;
+        }
+    }
+    true
+}
+
 pub fn have(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
