@@ -86,6 +86,10 @@ pub fn load_x509(dir: &Path, verify_peer: bool) -> Result<Arc<ServerConfig>, Err
     Ok(Arc::new(config))
 }
 
+/// Encrypted bytes a session holds before they must be sent: a whole
+/// 256 KiB read reply (nbdcopy's request size) goes out in one write.
+const SEND_BUFFER: usize = 288 << 10;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // rustls leaves its session consistent between calls; a panic
     // elsewhere while holding the lock does not change that.
@@ -137,7 +141,7 @@ struct Shared<W> {
 
 struct Outbox<W> {
     sock: W,
-    /// Encrypted records on their way out (at most rustls' buffer limit).
+    /// Encrypted records on their way out (at most [`SEND_BUFFER`]).
     records: Vec<u8>,
 }
 
@@ -170,6 +174,7 @@ pub(crate) fn accept<R: Read, W: Write>(
     early: Vec<u8>,
 ) -> Result<(TlsReader<R, W>, TlsWriter<W>), Error> {
     let mut conn = ServerConnection::new(config)?;
+    conn.set_buffer_limit(Some(SEND_BUFFER));
     let mut inbox = Inbox { buf: early, at: 0 };
     while conn.is_handshaking() {
         while conn.wants_write() {
@@ -260,12 +265,15 @@ pub(crate) struct TlsWriter<W: Write> {
 }
 
 impl<W: Write> Write for TlsWriter<W> {
+    /// Encrypts into rustls' buffer (at most [`SEND_BUFFER`]); the
+    /// records go out when it is full and at `flush`, so a reply's header
+    /// and data leave in one write rather than one each.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         loop {
-            // rustls takes up to its buffer limit; what it took is sent
-            // before the next piece, so the buffer never grows past that.
             let n = lock(&self.shared.conn).writer().write(buf)?;
-            self.shared.send()?;
+            if n < buf.len() {
+                self.shared.send()?;
+            }
             if n > 0 || buf.is_empty() {
                 return Ok(n);
             }
