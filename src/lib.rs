@@ -12,7 +12,8 @@
 //! - [`block::BlockDevice`]: implement it to put the engine over storage of
 //!   your own; [`block::open_device`] opens files and block devices.
 //! - [`vss::BackupSession`]: a VSS-style backup with writers of your own.
-//! - [`nbd::serve_tcp`]: serve the live volume and its snapshots over NBD.
+//! - [`nbd::serve`]: serve the live volume and its snapshots over NBD
+//!   (TCP or Unix socket, TLS optional).
 //!
 //! The repository's `examples/` run each of these end to end
 //! (`cargo run --example embed`, `backup`, `incremental`, `serve`), and
