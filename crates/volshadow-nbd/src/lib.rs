@@ -94,6 +94,7 @@
 #![forbid(unsafe_code)]
 
 mod deadline;
+mod export;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod fuzzing;
@@ -111,10 +112,10 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+pub use export::{ChangedFn, Error, Export, Exports};
 pub use listen::{Listener, Stream};
 pub use server::{
-    ChangedFn, ConnectionOptions, Error, Export, Exports, ServeOptions, serve_connection,
-    serve_connection_with, serve_stream,
+    ConnectionOptions, ServeOptions, serve_connection, serve_connection_with, serve_stream,
 };
 pub use tls::TlsMode;
 

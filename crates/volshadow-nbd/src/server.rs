@@ -5,74 +5,23 @@
 //! connection goes on.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::ServerConfig;
 use tracing::debug;
-use volshadow_block::{BlockDevice, Extent};
+use volshadow_block::BlockDevice;
 
 use crate::deadline::{Deadline, Timed};
+use crate::export::{CONTEXT_ID_ALLOCATION, CONTEXT_ID_CHANGED, Error, Export, Exports, Result};
 use crate::listen::Stream;
 use crate::proto::*;
 use crate::tls::{self, TlsMode};
 use crate::transmission::{self, Negotiated};
 
-/// Produces the changed extents `(offset, len)` of an export within
-/// `(offset, len)`, sorted: a BLOCK_STATUS request asks for its range only.
-pub type ChangedFn = Arc<dyn Fn(u64, u64) -> Vec<Extent> + Send + Sync>;
-
-/// One export: a device and, optionally, its changed extents.
-#[derive(Clone)]
-pub struct Export {
-    pub name: String,
-    pub description: String,
-    pub device: Arc<dyn BlockDevice>,
-    /// Extents changed since the export's base (the previous snapshot, or
-    /// the newest one for the live volume): the `volshadow:changed` context.
-    pub changed: Option<ChangedFn>,
-}
-
-impl std::fmt::Debug for Export {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Export")
-            .field("name", &self.name)
-            .field("read_only", &self.device.is_read_only())
-            .finish_non_exhaustive()
-    }
-}
-
-/// What a server offers.
-pub trait Exports: Send + Sync {
-    /// Export names, the default export first.
-    fn names(&self) -> Vec<String>;
-    /// The export called `name`; `""` is the default export.
-    fn open(&self, name: &str) -> Option<Export>;
-}
-
-/// What went wrong: a connection that ended other than by a clean
-/// disconnect, or TLS credentials that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("I/O error on the connection: {0}")]
-    Io(#[from] io::Error),
-    #[error("protocol violation: {0}")]
-    Protocol(String),
-    #[error("TLS: {0}")]
-    Tls(#[from] rustls::Error),
-    #[error("TLS credentials {}: {reason}", path.display())]
-    Credentials { path: PathBuf, reason: String },
-}
-
-type Result<T> = std::result::Result<T, Error>;
-
 fn violation<T>(msg: impl Into<String>) -> Result<T> {
     Err(Error::Protocol(msg.into()))
 }
-
-pub(crate) const CONTEXT_ID_ALLOCATION: u32 = 1;
-const CONTEXT_ID_CHANGED: u32 = 2;
 
 /// How one connection is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,7 +18,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 
-use crate::server::Error;
+use crate::export::Error;
 
 /// The CA that client certificates must chain to (`--tls-verify-peer`).
 pub const CA_CERT: &str = "ca-cert.pem";

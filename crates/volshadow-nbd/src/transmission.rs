@@ -23,8 +23,8 @@ use std::thread::Scope;
 use tracing::warn;
 use volshadow_block::{BlockDevice, Extent};
 
+use crate::export::{CONTEXT_ID_ALLOCATION, Error, Export};
 use crate::proto::*;
-use crate::server::{CONTEXT_ID_ALLOCATION, Error, Export};
 
 /// Read buffers and write payloads held for in-flight requests of one
 /// connection. One request larger than this still runs, alone.
