@@ -631,3 +631,84 @@ fn a_damaged_copy_fails_read_and_export_and_leaves_no_output() {
     let out = vs_raw(d, &["verify", "--for", "disk.img"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// A client of the control socket that takes part in a set badly: holds
+/// with a huge timeout, then sends steps out of order or for a snapshot
+/// that is not the set's. The first refused step ends the conversation and
+/// lets writes go; no other shadow copy is touched; an unfinished
+/// non-persistent copy is removed when the client goes.
+#[cfg(unix)]
+#[test]
+fn a_hostile_set_member_conversation_is_refused_and_releases_writes() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = volume("8M");
+    let d = dir.path();
+    let keep = json(d, &["create", "shadow", "--for", "disk.img", "--json"])["shadow"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let _server = Server::start(d, "disk.img");
+    let ctl = d.join("disk.img.vshadow.sock");
+    let set = "6d2b0a6e-0000-4000-8000-000000000001";
+    let talk = |steps: &[String]| -> Vec<String> {
+        let s = std::os::unix::net::UnixStream::connect(&ctl).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = &s;
+        let mut answers = Vec::new();
+        for step in steps {
+            w.write_all(format!("{{\"ok\":{step},\"payload_len\":0}}\n").as_bytes())
+                .unwrap();
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            answers.push(line);
+        }
+        answers
+    };
+    // Seq 1 is `keep`, not this set's: refused, and the conversation ends.
+    let a = talk(&[
+        r#"{"op":"set-join"}"#.into(),
+        format!(r#"{{"op":"set-hold","set_id":"{set}","timeout_ms":18446744073709551615}}"#),
+        r#"{"op":"set-abandon","seq":1}"#.into(),
+        r#"{"op":"set-release"}"#.into(),
+    ]);
+    assert_eq!(a.len(), 3, "{a:?}");
+    assert!(a[1].contains("\"ok\""), "held: {a:?}");
+    assert!(
+        a[2].contains("error") && a[2].contains("made no snapshot"),
+        "{a:?}"
+    );
+    // Writes go on at once (the hold ended with the conversation).
+    write_file(d, "x.bin", &[7u8; 4096]);
+    let t0 = std::time::Instant::now();
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "x.bin",
+        ],
+    );
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(10),
+        "writes were held"
+    );
+    assert_eq!(shadow_ids(d, "disk.img"), vec![keep.clone()]);
+    // A non-persistent copy of a set whose client goes away unfinished is
+    // removed; prepare twice is refused.
+    let a = talk(&[
+        r#"{"op":"set-join"}"#.into(),
+        format!(r#"{{"op":"set-hold","set_id":"{set}","timeout_ms":5000}}"#),
+        r#"{"op":"set-prepare","persistent":false,"attributes":0,"pending":null}"#.into(),
+        r#"{"op":"set-prepare","persistent":false,"attributes":0,"pending":null}"#.into(),
+    ]);
+    assert!(a[2].contains("set-prepared"), "{a:?}");
+    assert!(a[3].contains("prepares once"), "{a:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while shadow_ids(d, "disk.img") != vec![keep.clone()] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unfinished copy stayed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

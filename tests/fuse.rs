@@ -164,6 +164,14 @@ fn mount_shows_live_and_shadow_copies_and_stops_cleanly() {
         read_file(&snap, 1 << 20, 3 << 20) == a,
         "the shadow copy kept its bytes"
     );
+    // Each open is its own: a second opener closing does not end the first.
+    let mut first = std::fs::File::open(&snap).unwrap();
+    drop(std::fs::File::open(&snap).unwrap());
+    let mut buf = vec![0u8; 4096];
+    first.seek(SeekFrom::Start(1 << 20)).unwrap();
+    first.read_exact(&mut buf).unwrap();
+    assert!(buf[..] == a[..4096]);
+    drop(first);
     assert!(
         read_file(&live, 1 << 20, 3 << 20) == b,
         "live has the new ones"
@@ -437,6 +445,9 @@ fn copy_a_busy_file_system(d: &Path, live: &Path) {
     vs(d, &["expose", "--for", "disk.img", "--shadow", &id, "ex"]);
     let listed = vs(d, &["list", "shadows", "--for", "disk.img"]);
     assert!(listed.contains("Exposed at:"), "{listed}");
+    // Not deleted from under its readers.
+    let msg = refused(d, &["delete", "shadows", "--for", "disk.img", "--all"], 1);
+    assert!(msg.contains("exposed at"), "{msg}");
     for f in 0..FILES {
         let data = std::fs::read(ex.join(format!("log{f}"))).unwrap();
         let n = records_in(&data, f);

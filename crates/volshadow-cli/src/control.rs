@@ -142,6 +142,12 @@ impl Connection {
         let Ok(stream) = std::os::unix::net::UnixStream::connect(socket_path(img)) else {
             return Ok(None);
         };
+        // A server that stops answering (stopped, wedged) must not keep
+        // the coordinator, and the volumes it opened, waiting for ever:
+        // no step of a set takes longer than a hold may last.
+        let step = Some(std::time::Duration::from_secs(75));
+        stream.set_read_timeout(step)?;
+        stream.set_write_timeout(step)?;
         let reader = BufReader::new(stream.try_clone()?);
         Ok(Some(Connection { stream, reader }))
     }

@@ -30,7 +30,8 @@ use crate::ops::{Reply, Request, ShadowRow};
 const ROOT: u64 = 1;
 const LIVE: u64 = 2;
 const SHADOWS: u64 = 3;
-/// A shadow copy's inode: this plus its sequence number (unique per volume).
+/// The first inode a shadow copy gets; each copy (by id) gets its own for
+/// the mount's life, never reused, so cached pages never outlive it.
 const SHADOW_BASE: u64 = 16;
 /// How long the kernel may keep names and attributes: shadow copies come
 /// and go, so not long.
@@ -159,8 +160,11 @@ pub struct VolumeFs {
     uid: u32,
     gid: u32,
     mounted: SystemTime,
-    /// Shadow copies opened for reading, by inode.
+    /// Shadow copies opened for reading, by file handle (one per open).
     open: std::collections::HashMap<u64, Arc<Target>>,
+    next_fh: u64,
+    /// Each shadow copy's inode, by id.
+    inodes: std::collections::HashMap<Uuid, u64>,
     jobs: Option<crossbeam_channel::Sender<Job>>,
     workers: Vec<std::thread::JoinHandle<()>>,
 }
@@ -197,6 +201,8 @@ impl VolumeFs {
             gid: rustix::process::getgid().as_raw(),
             mounted: SystemTime::now(),
             open: std::collections::HashMap::new(),
+            next_fh: 1,
+            inodes: std::collections::HashMap::new(),
             jobs: Some(tx),
             workers,
         }
@@ -236,12 +242,18 @@ impl VolumeFs {
         }
     }
 
+    /// The inode of shadow copy `id`.
+    fn inode(&mut self, id: Uuid) -> u64 {
+        let next = SHADOW_BASE + self.inodes.len() as u64;
+        *self.inodes.entry(id).or_insert(next)
+    }
+
     /// The shadow copy behind inode `ino`, if it still exists.
     fn shadow_of(&self, ino: u64) -> Result<Option<ShadowRow>> {
-        let Some(seq) = ino.checked_sub(SHADOW_BASE) else {
+        let Some((&id, _)) = self.inodes.iter().find(|(_, i)| **i == ino) else {
             return Ok(None);
         };
-        Ok(self.backing.shadows()?.into_iter().find(|s| s.seq == seq))
+        Ok(self.backing.shadows()?.into_iter().find(|s| s.id == id))
     }
 
     fn getattr_of(&self, ino: u64) -> std::result::Result<FileAttr, Errno> {
@@ -315,7 +327,8 @@ impl Filesystem for VolumeFs {
                 Ok(rows) => rows
                     .iter()
                     .find(|s| s.id.to_string() == name)
-                    .map(|s| SHADOW_BASE + s.seq),
+                    .map(|s| s.id)
+                    .map(|id| self.inode(id)),
                 Err(e) => return reply.error(io_error(e).raw_os_error()),
             },
             _ => None,
@@ -375,9 +388,11 @@ impl Filesystem for VolumeFs {
             _ => match self.shadow_of(ino) {
                 Ok(Some(row)) => match self.backing.open_shadow(&row) {
                     Ok(target) => {
-                        self.open.insert(ino, Arc::new(target));
+                        let fh = self.next_fh;
+                        self.next_fh += 1;
+                        self.open.insert(fh, Arc::new(target));
                         // A shadow copy never changes: the page cache may stay.
-                        reply.opened(0, fuser::consts::FOPEN_KEEP_CACHE);
+                        reply.opened(fh, fuser::consts::FOPEN_KEEP_CACHE);
                     }
                     Err(e) => reply.error(io_error(e).raw_os_error()),
                 },
@@ -391,7 +406,7 @@ impl Filesystem for VolumeFs {
         &mut self,
         _req: &FuseRequest<'_>,
         ino: u64,
-        _fh: u64,
+        fh: u64,
         offset: i64,
         size: u32,
         _flags: i32,
@@ -404,7 +419,7 @@ impl Filesystem for VolumeFs {
         };
         let target = match ino {
             LIVE => None,
-            _ => match self.open.get(&ino) {
+            _ => match self.open.get(&fh) {
                 Some(t) => Some(t.clone()),
                 None => return reply.error(Errno::BADF.raw_os_error()),
             },
@@ -466,14 +481,14 @@ impl Filesystem for VolumeFs {
     fn release(
         &mut self,
         _req: &FuseRequest<'_>,
-        ino: u64,
-        _fh: u64,
+        _ino: u64,
+        fh: u64,
         _flags: i32,
         _lock_owner: Option<u64>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.open.remove(&ino);
+        self.open.remove(&fh);
         reply.ok();
     }
 
@@ -495,10 +510,12 @@ impl Filesystem for VolumeFs {
                 entries.push((SHADOWS, FileType::Directory, "shadows".into()));
             }
             SHADOWS => match self.backing.shadows() {
-                Ok(rows) => entries.extend(
-                    rows.iter()
-                        .map(|s| (SHADOW_BASE + s.seq, FileType::RegularFile, s.id.to_string())),
-                ),
+                Ok(rows) => {
+                    for s in rows {
+                        let ino = self.inode(s.id);
+                        entries.push((ino, FileType::RegularFile, s.id.to_string()));
+                    }
+                }
                 Err(e) => return reply.error(io_error(e).raw_os_error()),
             },
             _ => return reply.error(Errno::NOTDIR.raw_os_error()),

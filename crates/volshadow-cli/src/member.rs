@@ -15,7 +15,7 @@ use std::io::BufRead;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use uuid::Uuid;
@@ -30,8 +30,11 @@ use crate::ops::{Reply, Request};
 const STEP_GRACE: Duration = Duration::from_secs(2);
 /// The longest hold a coordinator may ask a served volume for.
 const MAX_HOLD: Duration = Duration::from_secs(60);
-/// How often a member left in doubt asks its decider again.
+/// How often a member left in doubt asks its decider again, and how many
+/// times before leaving it to the volume's next open (a decider that moved
+/// or is gone does not answer later either).
 const ASK_AGAIN: Duration = Duration::from_secs(1);
+const ASK_TIMES: u32 = 300;
 
 /// The sets whose creation this server is taking part in right now.
 #[derive(Debug)]
@@ -59,8 +62,10 @@ impl SetsInProgress {
 
     /// One set conversation on `stream` (after its `SetJoin`): each step
     /// answered in turn until `SetRelease` or the coordinator goes away.
-    /// Writes are held from `SetHold` to the end, at most the hold
-    /// timeout plus [`STEP_GRACE`] between steps.
+    /// The steps must come in order (one hold, one prepare, then commit
+    /// or abandon of that snapshot only); the first step refused ends the
+    /// conversation. Writes are held from `SetHold` at most its timeout
+    /// plus [`STEP_GRACE`], however the coordinator behaves.
     pub fn converse(&self, stream: &UnixStream, r: &mut impl BufRead) -> Result<()> {
         reply(
             stream,
@@ -68,78 +73,54 @@ impl SetsInProgress {
                 volume_id: self.vol.id(),
             }),
         )?;
-        let mut member = self.vol.set_member();
-        let mut registered: Option<Uuid> = None;
-        let mut in_doubt = false;
+        let mut c = Conversation {
+            member: self.vol.set_member(),
+            set_id: None,
+            deadline: None,
+            made: Made::Nothing,
+            released: false,
+        };
         let ended = (|| -> Result<()> {
-            loop {
+            while !c.released {
+                if let Some(deadline) = c.deadline {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        bail!("the set's hold ran out; writes are let go");
+                    }
+                    stream.set_read_timeout(Some(left))?;
+                }
                 let (env, _) = control::receive::<Request>(r, control::MAX_REQUEST_LINE)?;
                 let Some(req) = env.ok else {
                     bail!("set step without an operation");
                 };
-                let answer = match req {
-                    Request::SetHold { set_id, timeout_ms } => {
-                        if registered.is_some() {
-                            bail!("a set conversation holds once");
-                        }
-                        if !self
-                            .ids
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .insert(set_id)
-                        {
-                            bail!("set {set_id} is already being made on this volume");
-                        }
-                        registered = Some(set_id);
-                        // A client's number, bounded before use.
-                        let timeout = Duration::from_millis(timeout_ms).min(MAX_HOLD);
-                        stream.set_read_timeout(Some(timeout + STEP_GRACE))?;
-                        member.hold(set_id, timeout).map(|()| Reply::Done)
+                match c.step(self, req) {
+                    Ok(answer) => reply(stream, Ok(answer))?,
+                    Err(e) => {
+                        let said = crate::one_line(&e);
+                        let _ = reply(stream, Err(e));
+                        bail!("set step refused: {said}");
                     }
-                    Request::SetPrepare {
-                        persistent,
-                        attributes,
-                        pending,
-                    } => {
-                        let Some(set_id) = registered else {
-                            bail!("a set member prepares after its hold");
-                        };
-                        let options = SnapshotOptions {
-                            persistent,
-                            attributes,
-                            set_id: Some(set_id),
-                        };
-                        let made = member.prepare(&options, pending.as_deref());
-                        in_doubt |= made.is_ok() && pending.is_some();
-                        made.map(|snapshot| Reply::SetPrepared { snapshot })
-                    }
-                    Request::SetCommit { seq } => {
-                        let done = member.commit(seq);
-                        in_doubt &= done.is_err();
-                        done.map(|()| Reply::Done)
-                    }
-                    Request::SetAbandon { seq } => {
-                        let done = member.abandon(seq);
-                        in_doubt &= done.is_err();
-                        done.map(|()| Reply::Done)
-                    }
-                    Request::SetRelease => {
-                        member.release();
-                        return reply(stream, Ok(Reply::Done));
-                    }
-                    other => bail!("{other:?} is not a step of a snapshot set"),
-                };
-                reply(stream, answer.map_err(anyhow::Error::from))?;
+                }
             }
+            Ok(())
         })();
-        member.release();
-        if let Some(set_id) = registered {
+        c.member.release();
+        if let Some(set_id) = c.set_id {
             self.ids
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&set_id);
-            if in_doubt {
-                self.settle_later(set_id);
+            match c.made {
+                // The coordinator went before telling the outcome.
+                Made::InDoubt(_) => self.settle_later(set_id),
+                // A non-persistent copy of a set that was never finished:
+                // nothing decides it, so it goes.
+                Made::Copy(info, false) if !c.released => {
+                    if let Err(e) = self.vol.delete_snapshot(info.id) {
+                        tracing::warn!(error = %e, %set_id, "cannot delete the copy of an unfinished set");
+                    }
+                }
+                _ => {}
             }
         }
         ended
@@ -152,7 +133,7 @@ impl SetsInProgress {
         let (img, vol) = (self.img.clone(), self.vol.clone());
         let spawned = std::thread::Builder::new().spawn(move || {
             let mut told = false;
-            loop {
+            for _ in 0..ASK_TIMES {
                 let Some(d) = vol.in_doubt_sets().into_iter().find(|d| d.set_id == set_id) else {
                     return;
                 };
@@ -168,6 +149,7 @@ impl SetsInProgress {
                 }
                 std::thread::sleep(ASK_AGAIN);
             }
+            tracing::warn!(%set_id, "gave up asking the set's first volume; the shadow copy here stays hidden until the volume is opened again");
         });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, %set_id, "cannot start settling a set left in doubt; it settles at the next open");
@@ -291,5 +273,108 @@ impl Drop for RemoteMember {
     /// still ends the conversation politely.
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+/// What one set conversation has made on this volume.
+#[derive(Debug)]
+enum Made {
+    Nothing,
+    /// A snapshot journaled in doubt (seq), until commit or abandon.
+    InDoubt(u64),
+    /// A snapshot that needs no outcome (the decider's, or a
+    /// non-persistent one), and whether it is persistent.
+    Copy(SnapshotInfo, bool),
+    /// Committed or abandoned.
+    Settled,
+}
+
+/// The state of one set conversation on the server.
+struct Conversation<'a> {
+    member: volshadow_cow::LocalMember<'a>,
+    set_id: Option<Uuid>,
+    deadline: Option<Instant>,
+    made: Made,
+    released: bool,
+}
+
+impl Conversation<'_> {
+    /// One step, in the order the protocol allows.
+    fn step(&mut self, sets: &SetsInProgress, req: Request) -> Result<Reply> {
+        Ok(match req {
+            Request::SetHold { set_id, timeout_ms } => {
+                if self.set_id.is_some() {
+                    bail!("a set conversation holds once");
+                }
+                if !sets
+                    .ids
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(set_id)
+                {
+                    bail!("set {set_id} is already being made on this volume");
+                }
+                self.set_id = Some(set_id);
+                // A client's number, bounded before use.
+                let timeout = Duration::from_millis(timeout_ms).min(MAX_HOLD);
+                self.deadline = Some(Instant::now() + timeout + STEP_GRACE);
+                self.member.hold(set_id, timeout)?;
+                Reply::Done
+            }
+            Request::SetPrepare {
+                persistent,
+                attributes,
+                pending,
+            } => {
+                let Some(set_id) = self.set_id else {
+                    bail!("a set member prepares after its hold");
+                };
+                if !matches!(self.made, Made::Nothing) {
+                    bail!("a set member prepares once");
+                }
+                let options = SnapshotOptions {
+                    persistent,
+                    attributes,
+                    set_id: Some(set_id),
+                };
+                let snapshot = self.member.prepare(&options, pending.as_deref())?;
+                self.made = if pending.is_some() {
+                    Made::InDoubt(snapshot.seq)
+                } else {
+                    Made::Copy(snapshot.clone(), persistent)
+                };
+                Reply::SetPrepared { snapshot }
+            }
+            Request::SetCommit { seq } => {
+                let Made::InDoubt(mine) = self.made else {
+                    bail!("no snapshot of this set is in doubt here");
+                };
+                if seq != mine {
+                    bail!("snapshot {seq} is not this set's (it is {mine})");
+                }
+                self.member.commit(seq)?;
+                self.made = Made::Settled;
+                Reply::Done
+            }
+            Request::SetAbandon { seq } => {
+                let mine = match &self.made {
+                    Made::InDoubt(s) => *s,
+                    Made::Copy(info, _) => info.seq,
+                    _ => bail!("this set made no snapshot here"),
+                };
+                if seq != mine {
+                    bail!("snapshot {seq} is not this set's (it is {mine})");
+                }
+                self.member.abandon(seq)?;
+                self.made = Made::Settled;
+                Reply::Done
+            }
+            Request::SetRelease => {
+                self.member.release();
+                self.released = true;
+                Reply::Done
+            }
+            other => bail!("{other:?} is not a step of a snapshot set"),
+        })
     }
 }

@@ -86,6 +86,13 @@ pub enum Error {
     /// step (or could not be reached).
     #[error("set member {volume}: {reason}")]
     SetMember { volume: Uuid, reason: String },
+    /// A set's first volume failed while taking its snapshot, in a way
+    /// that may have taken effect: the other members keep theirs hidden
+    /// until that volume can be asked whether the set committed.
+    #[error(
+        "snapshot set {set}: its first volume failed while committing ({reason}); the set counts as made only if that volume has its shadow copy, and the others settle when it can be asked"
+    )]
+    SetOutcomeUnknown { set: Uuid, reason: String },
     /// `Volume::close` ran; the volume takes no more changes.
     #[error("the volume is closed")]
     Closed,

@@ -173,6 +173,16 @@ impl SnapshotSet {
         }
         match members[0].prepare(options, None) {
             Ok(info) => made[0] = Some(info),
+            // The decider may have journaled its snapshot before failing
+            // (a lost reply, a failed flush): abandoning the others now
+            // could leave half a set. They stay in doubt and settle by
+            // asking the decider, whose journal decides.
+            Err(e) if two_phase && outcome_unknown(&e) => {
+                return Err(Error::SetOutcomeUnknown {
+                    set: set_id,
+                    reason: e.to_string(),
+                });
+            }
             Err(e) => return Err(abandon(members, &made, e)),
         }
         // Phase three: the others learn the outcome. A failure here leaves
@@ -216,6 +226,12 @@ impl SnapshotSet {
     pub fn committed_on(decider: &Volume, set_id: Uuid) -> bool {
         decider.snapshots().iter().any(|s| s.set_id == Some(set_id))
     }
+}
+
+/// Whether a failed step may still have taken effect: an I/O failure or a
+/// member that could not be heard, rather than a refusal.
+fn outcome_unknown(e: &Error) -> bool {
+    matches!(e, Error::Block(_) | Error::SetMember { .. })
 }
 
 /// One volume's part in a snapshot set, the steps

@@ -8,6 +8,7 @@
 //! [`STATE_DIR`], so `unexpose` undoes exactly that and `list shadows`
 //! says where a copy is exposed.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::ops::{self, Reply, Request};
+use crate::ops::{self, Reply, Request, Which};
 use crate::session::Session;
 use crate::verbs::mount::{alive, check_mount_dir, mounts};
 
@@ -26,22 +27,45 @@ const STATE_DIR: &str = "/run/volshadow/expose";
 /// How long the private mount may take to show the shadow copy.
 const START_WAIT: Duration = Duration::from_secs(20);
 
-/// One exposure, as recorded.
+/// One exposure, as recorded: written when its mount process starts and
+/// again after each step, `complete` once it stands.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Exposure {
     pub(crate) image: PathBuf,
     pub(crate) shadow: Uuid,
     /// Where its file system is mounted (none with `--no-mount`).
     pub(crate) dir: Option<PathBuf>,
-    pub(crate) device: PathBuf,
+    pub(crate) device: Option<PathBuf>,
     fuse_dir: PathBuf,
     fuse_pid: u32,
+    /// The `expose` that made it: a record it left incomplete and that is
+    /// no longer running was cut short.
+    expose_pid: u32,
+    complete: bool,
 }
 
 impl Exposure {
     /// Where the exposure shows: its mount point, else its device.
-    pub(crate) fn place(&self) -> &Path {
-        self.dir.as_deref().unwrap_or(&self.device)
+    pub(crate) fn place(&self) -> Option<&Path> {
+        self.dir.as_deref().or(self.device.as_deref())
+    }
+
+    fn save(&self, state: &Path) -> Result<()> {
+        let tmp = state.join("exposure.json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)?;
+        std::fs::rename(&tmp, state.join("exposure.json"))?;
+        Ok(())
+    }
+}
+
+/// Tears down exposures an `expose` left half made (it was killed).
+fn sweep_cut_short() {
+    for (state, e) in exposures() {
+        if !e.complete && !alive(e.expose_pid) {
+            let mut undo = Undo::new(state);
+            undo.device = e.device.clone();
+            undo.fuse = Some((e.fuse_dir.clone(), e.fuse_pid));
+        }
     }
 }
 
@@ -66,14 +90,48 @@ pub(crate) fn with_exposures(img: &Path, mut reply: Reply) -> Result<Reply> {
         for s in shadows {
             s.exposed = exposures
                 .iter()
-                .find(|(_, e)| e.image == image && e.shadow == s.id)
-                .map(|(_, e)| e.place().to_path_buf());
+                .find(|(_, e)| e.complete && e.image == image && e.shadow == s.id)
+                .and_then(|(_, e)| e.place().map(Path::to_path_buf));
         }
     }
     Ok(reply)
 }
 
-fn run(cmd: &str, args: &[&str]) -> Result<String> {
+/// An exposed shadow copy is not deleted from under its readers.
+pub(crate) fn refuse_if_exposed(img: &Path, which: &Which) -> Result<()> {
+    let exposed: Vec<(Uuid, PathBuf)> = {
+        let Ok(image) = std::fs::canonicalize(img) else {
+            return Ok(());
+        };
+        exposures()
+            .into_iter()
+            .filter(|(_, e)| e.complete && e.image == image)
+            .filter_map(|(_, e)| Some((e.shadow, e.place()?.to_path_buf())))
+            .collect()
+    };
+    if exposed.is_empty() {
+        return Ok(());
+    }
+    let shadows = match Session::new(img).call(&Request::ListShadows, &[])?.0 {
+        Reply::Shadows { shadows } => shadows,
+        other => bail!("unexpected answer {other:?} to a listing"),
+    };
+    let doomed: Vec<Uuid> = match which {
+        Which::Id(id) => vec![ops::resolve_among(&shadows, id)?],
+        Which::Oldest => shadows.iter().take(1).map(|s| s.id).collect(),
+        Which::All => shadows.iter().map(|s| s.id).collect(),
+    };
+    if let Some((id, place)) = exposed.iter().find(|(id, _)| doomed.contains(id)) {
+        bail!(
+            "shadow copy {id} is exposed at {}; run `volshadow unexpose {}` first; nothing was changed",
+            place.display(),
+            place.display()
+        );
+    }
+    Ok(())
+}
+
+fn run(cmd: &str, args: &[&OsStr]) -> Result<String> {
     let out = Command::new(cmd)
         .args(args)
         .stdin(Stdio::null())
@@ -82,7 +140,10 @@ fn run(cmd: &str, args: &[&str]) -> Result<String> {
     if !out.status.success() {
         bail!(
             "{cmd} {} failed: {}",
-            args.join(" "),
+            args.iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -94,6 +155,7 @@ pub(crate) fn expose(img: &Path, shadow: &str, dir: Option<&Path>) -> Result<()>
     if !rustix::process::geteuid().is_root() {
         bail!("expose needs root (it attaches a loop device and mounts); nothing was changed");
     }
+    sweep_cut_short();
     let dir = dir.map(check_mount_dir).transpose()?;
     let id = match Session::new(img).call(&Request::ListShadows, &[])?.0 {
         Reply::Shadows { shadows } => ops::resolve_among(&shadows, shadow)?,
@@ -123,6 +185,17 @@ pub(crate) fn expose(img: &Path, shadow: &str, dir: Option<&Path>) -> Result<()>
             .context("starting the exposure's mount")?
     };
     undo.fuse = Some((fuse_dir.clone(), child.id()));
+    let mut record = Exposure {
+        image,
+        shadow: id,
+        dir: None,
+        device: None,
+        fuse_dir: fuse_dir.clone(),
+        fuse_pid: child.id(),
+        expose_pid: std::process::id(),
+        complete: false,
+    };
+    record.save(&state)?;
     let file = fuse_dir.join("shadows").join(id.to_string());
     let deadline = Instant::now() + START_WAIT;
     while !file.exists() {
@@ -137,15 +210,31 @@ pub(crate) fn expose(img: &Path, shadow: &str, dir: Option<&Path>) -> Result<()>
     }
     let device = PathBuf::from(run(
         "losetup",
-        &["--find", "--show", "--read-only", &file.to_string_lossy()],
+        &[
+            "--find".as_ref(),
+            "--show".as_ref(),
+            "--read-only".as_ref(),
+            file.as_os_str(),
+        ],
     )?);
     undo.device = Some(device.clone());
+    record.device = Some(device.clone());
+    record.save(&state)?;
     if let Some(dir) = &dir {
-        let dev = device.to_string_lossy();
-        let fs_type = run("blkid", &["-o", "value", "-s", "TYPE", &dev])
-            .ok()
-            .filter(|t| !t.is_empty())
-            .with_context(|| format!("shadow copy {id} holds no file system blkid knows"))?;
+        let dev = device.as_os_str();
+        let fs_type = run(
+            "blkid",
+            &[
+                "-o".as_ref(),
+                "value".as_ref(),
+                "-s".as_ref(),
+                "TYPE".as_ref(),
+                dev,
+            ],
+        )
+        .ok()
+        .filter(|t| !t.is_empty())
+        .with_context(|| format!("shadow copy {id} holds no file system blkid knows"))?;
         // A read-only device cannot replay a journal: mount without it.
         let options = match fs_type.as_str() {
             "ext3" | "ext4" => "ro,noload",
@@ -154,21 +243,20 @@ pub(crate) fn expose(img: &Path, shadow: &str, dir: Option<&Path>) -> Result<()>
         };
         run(
             "mount",
-            &["-t", &fs_type, "-o", options, &dev, &dir.to_string_lossy()],
+            &[
+                "-t".as_ref(),
+                fs_type.as_ref(),
+                "-o".as_ref(),
+                options.as_ref(),
+                dev,
+                dir.as_os_str(),
+            ],
         )?;
+        undo.dir = Some(dir.clone());
     }
-    let exposure = Exposure {
-        image,
-        shadow: id,
-        dir: dir.clone(),
-        device: device.clone(),
-        fuse_dir,
-        fuse_pid: child.id(),
-    };
-    std::fs::write(
-        state.join("exposure.json"),
-        serde_json::to_string_pretty(&exposure)?,
-    )?;
+    record.dir = dir.clone();
+    record.complete = true;
+    record.save(&state)?;
     undo.done();
     match &dir {
         Some(d) => println!(
@@ -186,29 +274,26 @@ pub(crate) fn expose(img: &Path, shadow: &str, dir: Option<&Path>) -> Result<()>
 
 /// `unexpose DIR|DEVICE`: undoes one exposure.
 pub(crate) fn unexpose(place: &Path) -> Result<()> {
+    sweep_cut_short();
     let wanted = std::fs::canonicalize(place).unwrap_or_else(|_| place.to_path_buf());
     let Some((state, e)) = exposures()
         .into_iter()
-        .find(|(_, e)| e.dir.as_deref() == Some(&wanted) || e.device == wanted)
+        .find(|(_, e)| e.complete && e.place() == Some(&wanted))
     else {
         bail!(
             "{} is not a volshadow exposure; nothing was changed",
             place.display()
         );
     };
-    if let Some(dir) = &e.dir
-        && mounts()?.iter().any(|m| &m.point == dir)
-    {
-        run("umount", &[&dir.to_string_lossy()])?;
-    }
     let mut undo = Undo::new(state);
-    undo.device = Some(e.device.clone());
+    undo.dir = e.dir.clone();
+    undo.device = e.device.clone();
     undo.fuse = Some((e.fuse_dir.clone(), e.fuse_pid));
     drop(undo);
     println!(
         "Shadow copy {} is no longer exposed at {}.",
         e.shadow,
-        e.place().display()
+        wanted.display()
     );
     Ok(())
 }
@@ -219,6 +304,7 @@ struct Undo {
     state: PathBuf,
     fuse: Option<(PathBuf, u32)>,
     device: Option<PathBuf>,
+    dir: Option<PathBuf>,
     keep: bool,
 }
 
@@ -228,6 +314,7 @@ impl Undo {
             state,
             fuse: None,
             device: None,
+            dir: None,
             keep: false,
         }
     }
@@ -242,16 +329,23 @@ impl Drop for Undo {
         if self.keep {
             return;
         }
+        if let Some(dir) = &self.dir
+            && mounts().is_ok_and(|m| m.iter().any(|m| &m.point == dir))
+            && let Err(e) = run("umount", &[dir.as_os_str()])
+        {
+            eprintln!("volshadow: {}", crate::one_line(&e));
+        }
         if let Some(dev) = &self.device
-            && let Err(e) = run("losetup", &["-d", &dev.to_string_lossy()])
+            && let Err(e) = run("losetup", &["-d".as_ref(), dev.as_os_str()])
         {
             eprintln!("volshadow: {}", crate::one_line(&e));
         }
         if let Some((dir, pid)) = &self.fuse {
-            if mounts().is_ok_and(|m| m.iter().any(|m| &m.point == dir))
-                && let Err(e) = rustix::mount::unmount(dir, rustix::mount::UnmountFlags::DETACH)
-            {
-                eprintln!("volshadow: cannot unmount {}: {e}", dir.display());
+            // Unmounted whether or not mountinfo can be read: a removal
+            // below must never run inside a live mount.
+            match rustix::mount::unmount(dir, rustix::mount::UnmountFlags::DETACH) {
+                Ok(()) | Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => {}
+                Err(e) => eprintln!("volshadow: cannot unmount {}: {e}", dir.display()),
             }
             let deadline = Instant::now() + START_WAIT;
             while alive(*pid) && Instant::now() < deadline {

@@ -27,19 +27,21 @@ pub(crate) struct MountEntry {
     pub(crate) source: String,
 }
 
-/// The mounts this process sees (mount points unescaped).
+/// The mounts this process sees. Paths are bytes (any mount point on the
+/// machine may be non-UTF-8) with mountinfo's `\ooo` escapes undone.
 pub(crate) fn mounts() -> Result<Vec<MountEntry>> {
-    let text =
-        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    let unescape = |s: &str| -> String {
+    use std::os::unix::ffi::OsStringExt;
+    let text = std::fs::read("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let unescape = |b: &[u8]| -> Vec<u8> {
         // Spaces, tabs, newlines and backslashes are written as \ooo.
-        let b = s.as_bytes();
         let mut out = Vec::with_capacity(b.len());
         let mut i = 0;
         while i < b.len() {
             if b[i] == b'\\'
-                && i + 3 < b.len()
-                && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+                && let Some(v) = b
+                    .get(i + 1..i + 4)
+                    .and_then(|o| std::str::from_utf8(o).ok())
+                    .and_then(|o| u8::from_str_radix(o, 8).ok())
             {
                 out.push(v);
                 i += 4;
@@ -48,17 +50,17 @@ pub(crate) fn mounts() -> Result<Vec<MountEntry>> {
             out.push(b[i]);
             i += 1;
         }
-        String::from_utf8_lossy(&out).into_owned()
+        out
     };
     Ok(text
-        .lines()
+        .split(|&c| c == b'\n')
         .filter_map(|line| {
-            let f: Vec<&str> = line.split(' ').collect();
-            let dash = f.iter().position(|x| *x == "-")?;
+            let f: Vec<&[u8]> = line.split(|&c| c == b' ').collect();
+            let dash = f.iter().position(|x| *x == b"-")?;
             Some(MountEntry {
-                point: PathBuf::from(unescape(f.get(4)?)),
-                fs_type: f.get(dash + 1)?.to_string(),
-                source: unescape(f.get(dash + 2)?),
+                point: PathBuf::from(std::ffi::OsString::from_vec(unescape(f.get(4)?))),
+                fs_type: String::from_utf8_lossy(f.get(dash + 1)?).into_owned(),
+                source: String::from_utf8_lossy(&unescape(f.get(dash + 2)?)).into_owned(),
             })
         })
         .collect())

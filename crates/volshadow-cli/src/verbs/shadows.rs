@@ -24,11 +24,13 @@ pub(crate) fn create(volumes: &[PathBuf], persistent: bool, json: bool) -> Resul
         return print_reply_with(&reply, json, Some(session.auto_deleted_ids()));
     }
     // Each member records where the others are, so one reopened after a
-    // crash can ask the first whether the set committed.
+    // crash can ask the first whether the set committed. Absolute, links
+    // kept: a volume's binding and control socket sit beside the path the
+    // user names.
     let locators: Vec<String> = volumes
         .iter()
         .map(|v| {
-            std::fs::canonicalize(v)
+            std::path::absolute(v)
                 .unwrap_or_else(|_| v.clone())
                 .to_string_lossy()
                 .into_owned()
@@ -99,6 +101,8 @@ pub(crate) fn list(volume: &Path, json: bool) -> Result<()> {
 
 /// `delete shadows`: one by id, the oldest, or all.
 pub(crate) fn delete(volume: &Path, which: Which) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    crate::verbs::expose::refuse_if_exposed(volume, &which)?;
     let (reply, _) = on_volume(volume, &Request::DeleteShadows { which }, &[])?;
     print_reply(&reply, false)
 }
