@@ -28,7 +28,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use args::{Cli, Command};
-pub use ops::{Reply, Request, ShadowRow, Which};
+pub use ops::{Reply, Request, SetOutcome, ShadowRow, Which};
 pub use session::on_volume;
 pub use storage::{parse_positive_size, parse_size};
 
