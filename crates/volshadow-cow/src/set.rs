@@ -97,22 +97,39 @@ impl SnapshotSet {
         options: SnapshotOptions,
         hold_timeout: Duration,
     ) -> Result<Self> {
+        Self::create_across_then(members, locators, options, hold_timeout, |_| Ok(()))
+    }
+
+    /// `create_across`, running `while_held` once the set has committed
+    /// and before writes are released: a caller that snapshots other
+    /// storage at the same instant (a VSS coordinator committing several
+    /// providers) does it there. If `while_held` fails, the set's
+    /// snapshots are deleted before writes are released and its error is
+    /// returned.
+    pub fn create_across_then<E: From<Error>>(
+        members: &mut [&mut dyn SetMember],
+        locators: &[String],
+        options: SnapshotOptions,
+        hold_timeout: Duration,
+        while_held: impl FnOnce(&SnapshotSet) -> std::result::Result<(), E>,
+    ) -> std::result::Result<Self, E> {
         if members.is_empty() {
-            return Err(Error::InvalidOptions(
-                "a snapshot set needs at least one volume".into(),
-            ));
+            return Err(
+                Error::InvalidOptions("a snapshot set needs at least one volume".into()).into(),
+            );
         }
         if members.len() > MAX_MEMBERS || locators.iter().any(|l| l.len() > MAX_LOCATOR) {
             return Err(Error::InvalidOptions(format!(
                 "a snapshot set takes at most {MAX_MEMBERS} volumes, each locator at most {MAX_LOCATOR} bytes"
-            )));
+            ))
+            .into());
         }
         let ids: Vec<Uuid> = members.iter().map(|m| m.volume_id()).collect();
         for (i, v) in ids.iter().enumerate() {
             if ids[..i].contains(v) {
-                return Err(Error::InvalidOptions(format!(
-                    "volume {v} is in the set twice"
-                )));
+                return Err(
+                    Error::InvalidOptions(format!("volume {v} is in the set twice")).into(),
+                );
             }
         }
         let id = options.set_id.unwrap_or_else(Uuid::new_v4);
@@ -126,11 +143,28 @@ impl SnapshotSet {
             .map(|(i, v)| (*v, locators.get(i).cloned().unwrap_or_default()))
             .collect();
         let deadline = Instant::now() + hold_timeout;
-        let outcome = Self::run_phases(members, &roster, &options, hold_timeout, deadline);
+        let outcome = match Self::run_phases(members, &roster, &options, hold_timeout, deadline) {
+            Ok(snapshots) => {
+                let set = SnapshotSet { id, snapshots };
+                match while_held(&set) {
+                    Ok(()) => Ok(set),
+                    Err(e) => {
+                        // Every member made its snapshot, in member order.
+                        for (m, info) in members.iter_mut().zip(&set.snapshots) {
+                            if let Err(del) = m.abandon(info.seq) {
+                                warn!(error = %del, snapshot = %info.id, "could not delete a snapshot of an abandoned set");
+                            }
+                        }
+                        Err(e)
+                    }
+                }
+            }
+            Err(e) => Err(e.into()),
+        };
         for m in members.iter_mut() {
             m.release();
         }
-        outcome.map(|snapshots| SnapshotSet { id, snapshots })
+        outcome
     }
 
     /// Holds every member, then the two phases; on failure, deletes what

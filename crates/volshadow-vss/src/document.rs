@@ -5,67 +5,12 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::context::{BackupType, Context};
 use crate::provider::SnapshotRef;
 use crate::writer::{RestoreMethod, WriterMetadata};
 
 /// Format of the document; readers refuse newer ones.
 pub const DOCUMENT_VERSION: u32 = 1;
-
-/// VSS snapshot contexts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum Context {
-    /// Non-persistent, auto-release, with writers.
-    #[default]
-    Backup,
-    /// Non-persistent, no writers.
-    FileShare,
-    /// Persistent, with writers.
-    AppRollback,
-    /// Persistent, no writers.
-    NasRollback,
-    /// Persistent, no writers, visible to users.
-    ClientAccessible,
-}
-
-impl Context {
-    pub fn persistent(self) -> bool {
-        matches!(
-            self,
-            Context::AppRollback | Context::NasRollback | Context::ClientAccessible
-        )
-    }
-
-    pub fn with_writers(self) -> bool {
-        matches!(self, Context::Backup | Context::AppRollback)
-    }
-
-    /// VSS attribute bits of snapshots made in this context.
-    pub fn attributes(self) -> u32 {
-        use volshadow_cow::attributes::*;
-        match self {
-            Context::Backup => 0,
-            Context::FileShare => NO_WRITERS | FILE_SHARE,
-            Context::AppRollback => PERSISTENT | NO_AUTO_RELEASE,
-            Context::NasRollback => PERSISTENT | NO_AUTO_RELEASE | NO_WRITERS,
-            Context::ClientAccessible => {
-                PERSISTENT | NO_AUTO_RELEASE | NO_WRITERS | CLIENT_ACCESSIBLE
-            }
-        }
-    }
-}
-
-/// VSS backup types.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum BackupType {
-    #[default]
-    Full,
-    Incremental,
-    Differential,
-    Copy,
-    Log,
-}
 
 /// One selected component and how its backup and restore went.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +20,10 @@ pub struct ComponentEntry {
     pub volumes: Vec<PathBuf>,
     pub restore_method: RestoreMethod,
     pub backup_succeeded: bool,
+    /// Why the component's writer failed during the backup (a veto the
+    /// requester went on past), if it did.
+    #[serde(default)]
+    pub writer_failure: Option<String>,
     /// Set by a restore.
     pub restore_succeeded: Option<bool>,
 }

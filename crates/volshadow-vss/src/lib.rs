@@ -3,8 +3,8 @@
 //! A [`Coordinator`] holds [`Writer`]s and [`Provider`]s (in order of
 //! preference). A [`BackupSession`] drives a backup in VSS's order and
 //! produces a [`BackupDocument`]; a [`RestoreSession`] uses that document
-//! to bring components back. The repository's docs/PROTOCOL.md gives the
-//! sequence and how a failure at any phase aborts the whole set.
+//! to bring components back. The repository's docs/PROTOCOL.md maps each
+//! VSS call and event onto this crate and states where it differs.
 //!
 //! # Guide
 //!
@@ -46,24 +46,23 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod context;
 mod coordinator;
 mod document;
 mod error;
 mod provider;
+mod providers;
 mod writer;
 mod writers;
 
+pub use context::{BackupType, Context};
 pub use coordinator::{BackupSession, Coordinator, Limits, ProviderInfo, RestoreSession, Timeouts};
-pub use document::{
-    BackupDocument, BackupType, CbtBase, ComponentEntry, Context, DOCUMENT_VERSION,
-};
+pub use document::{BackupDocument, CbtBase, ComponentEntry, DOCUMENT_VERSION};
 pub use error::{VssError, VssResult};
-pub use provider::{
-    CommitOptions, CowProvider, Provider, ProviderError, ProviderResult, ReflinkProvider,
-    SnapshotRef,
-};
+pub use provider::{CommitOptions, Provider, ProviderError, ProviderResult, SnapshotRef};
+pub use providers::{CowProvider, ReflinkProvider};
 pub use writer::{
-    Component, FailureKind, FreezeLevel, Phase, RestoreMethod, UsageType, Writer, WriterFailure,
-    WriterMetadata, WriterResult, WriterState, WriterStatus,
+    Component, EventContext, FailureKind, FreezeLevel, Phase, RestoreMethod, UsageType, Writer,
+    WriterFailure, WriterMetadata, WriterResult, WriterState, WriterStatus,
 };
 pub use writers::{CommandWriter, EVENTS, FsFreezeWriter};

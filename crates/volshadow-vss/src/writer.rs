@@ -2,9 +2,12 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+use crate::context::{BackupType, Context};
 
 /// Which kind of failure a writer reports (VSS's `VSS_E_WRITERERROR_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,9 +20,22 @@ pub enum FailureKind {
     Timeout,
 }
 
+impl fmt::Display for FailureKind {
+    /// The words `vssadmin list writers` uses.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FailureKind::Retryable => "Retryable error",
+            FailureKind::NonRetryable => "Non-retryable error",
+            FailureKind::InconsistentSnapshot => "Inconsistent shadow copy",
+            FailureKind::OutOfResources => "Out of resources",
+            FailureKind::Timeout => "Timed out",
+        })
+    }
+}
+
 /// A writer's failure: its kind and what it said.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error("{kind:?}: {message}")]
+#[error("{kind}: {message}")]
 pub struct WriterFailure {
     pub kind: FailureKind,
     pub message: String,
@@ -48,6 +64,8 @@ pub enum Phase {
     Thaw,
     PostSnapshot,
     BackupComplete,
+    BackupShutdown,
+    Abort,
     PreRestore,
     PostRestore,
 }
@@ -62,6 +80,8 @@ impl fmt::Display for Phase {
             Phase::Thaw => "thaw",
             Phase::PostSnapshot => "post-snapshot",
             Phase::BackupComplete => "backup-complete",
+            Phase::BackupShutdown => "backup-shutdown",
+            Phase::Abort => "abort",
             Phase::PreRestore => "pre-restore",
             Phase::PostRestore => "post-restore",
         })
@@ -88,7 +108,7 @@ impl fmt::Display for WriterState {
             WriterState::WaitingForThaw => f.write_str("[3] Waiting for thaw"),
             WriterState::WaitingForPostSnapshot => f.write_str("[4] Waiting for post-snapshot"),
             WriterState::WaitingForBackupComplete => f.write_str("[5] Waiting for backup complete"),
-            WriterState::FailedAt(p) => write!(f, "[8] Failed at {p}"),
+            WriterState::FailedAt(_) => f.write_str("[8] Failed"),
         }
     }
 }
@@ -102,6 +122,20 @@ pub struct WriterStatus {
     pub state: WriterState,
     /// The last failure, kept after the writer returns to stable.
     pub last_error: Option<WriterFailure>,
+    /// The event `last_error` happened at.
+    #[serde(default)]
+    pub last_error_at: Option<Phase>,
+}
+
+impl WriterStatus {
+    /// `Last error` as `vssadmin list writers` words it, with the event.
+    pub fn last_error_text(&self) -> String {
+        match (&self.last_error, self.last_error_at) {
+            (None, _) => "No error".into(),
+            (Some(e), Some(p)) => format!("{} at {p} ({})", e.kind, e.message),
+            (Some(e), None) => format!("{} ({})", e.kind, e.message),
+        }
+    }
 }
 
 /// When a writer freezes relative to the others (VSS freeze levels).
@@ -148,6 +182,11 @@ pub struct Component {
     /// Volumes (origins) the component's data lives on; restore rolls
     /// these back.
     pub volumes: Vec<PathBuf>,
+    /// Selectable for backup: included only when the requester selects
+    /// it (its subcomponents, the components whose logical path starts
+    /// with its full path, come with it). A non-selectable component with
+    /// no selectable ancestor comes with every backup its writer takes
+    /// part in.
     pub selectable: bool,
 }
 
@@ -173,14 +212,31 @@ pub struct WriterMetadata {
     pub components: Vec<Component>,
 }
 
+/// What every writer event carries (VSS: the backup components document
+/// and the set a writer sees during each event).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EventContext {
+    /// The snapshot set (none before `start_snapshot_set`, nor in a restore).
+    pub set_id: Option<Uuid>,
+    /// The volumes in the set (in a restore: those being restored).
+    pub volumes: Vec<PathBuf>,
+    pub backup_type: BackupType,
+    pub context: Context,
+    /// This writer's components the event is about (`logical_path\name`):
+    /// those included in the backup, at `backup_complete` those whose
+    /// backup succeeded, in a restore those selected for restore.
+    pub components: Vec<String>,
+}
+
 /// A writer. Synchronous, object-safe, shared between threads. Every call
 /// but `identify` defaults to success, so a writer implements what it
-/// needs.
+/// needs. Only writers with a component in the backup get its events.
 ///
 /// Between `freeze` and `thaw` the application must not write (VSS gives
-/// it 60 s, [`Timeouts::freeze`](crate::Timeouts)); a failure in any call
-/// aborts the whole snapshot set, and the writer then gets `abort` and
-/// `thaw`.
+/// it 60 s, [`Timeouts::freeze`](crate::Timeouts), or its own
+/// [`Writer::timeout`]). A failure at freeze or thaw aborts the snapshot
+/// set and the writer then gets `abort` alone; a failure at another event
+/// is a veto (see [`BackupSession`](crate::BackupSession)).
 ///
 /// # Example
 ///
@@ -206,14 +262,14 @@ pub struct WriterMetadata {
 ///             components: Vec::new(),
 ///         })
 ///     }
-///     fn freeze(&self) -> WriterResult {
+///     fn freeze(&self, _event: &EventContext) -> WriterResult {
 ///         let mut frozen = self.frozen.lock().map_err(|_| {
 ///             WriterFailure::new(FailureKind::NonRetryable, "lock poisoned")
 ///         })?;
 ///         *frozen = true; // a real one flushes its log here, then holds writes
 ///         Ok(())
 ///     }
-///     fn thaw(&self) -> WriterResult {
+///     fn thaw(&self, _event: &EventContext) -> WriterResult {
 ///         if let Ok(mut frozen) = self.frozen.lock() {
 ///             *frozen = false;
 ///         }
@@ -222,9 +278,10 @@ pub struct WriterMetadata {
 /// }
 ///
 /// let db = Database::default();
-/// db.freeze().unwrap();
+/// let event = EventContext::default();
+/// db.freeze(&event).unwrap();
 /// assert!(*db.frozen.lock().unwrap());
-/// db.thaw().unwrap();
+/// db.thaw(&event).unwrap();
 /// assert_eq!(db.identify().unwrap().name, "database");
 /// ```
 pub trait Writer: Send + Sync {
@@ -232,33 +289,45 @@ pub trait Writer: Send + Sync {
     fn freeze_level(&self) -> FreezeLevel {
         FreezeLevel::Back
     }
-    fn prepare_for_backup(&self, _components: &[String]) -> WriterResult {
+    /// This writer's own limit for each call and from freeze to thaw (VSS:
+    /// the freeze timeout a writer gives at initialization); `None`: the
+    /// coordinator's.
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
+    fn prepare_for_backup(&self, _event: &EventContext) -> WriterResult {
         Ok(())
     }
-    fn prepare_for_snapshot(&self) -> WriterResult {
+    fn prepare_for_snapshot(&self, _event: &EventContext) -> WriterResult {
         Ok(())
     }
-    fn freeze(&self) -> WriterResult {
+    fn freeze(&self, _event: &EventContext) -> WriterResult {
         Ok(())
     }
-    fn thaw(&self) -> WriterResult {
+    fn thaw(&self, _event: &EventContext) -> WriterResult {
         Ok(())
     }
-    fn post_snapshot(&self) -> WriterResult {
+    fn post_snapshot(&self, _event: &EventContext) -> WriterResult {
         Ok(())
     }
-    fn backup_complete(&self, _succeeded: &[String]) -> WriterResult {
+    fn backup_complete(&self, _event: &EventContext) -> WriterResult {
         Ok(())
     }
-    /// The backup was aborted; release whatever was prepared. Always
-    /// followed by `thaw`.
-    fn abort(&self) -> WriterResult {
+    /// The requester's session ended (VSS: BackupShutdown), whether the
+    /// backup completed, failed or was abandoned.
+    fn backup_shutdown(&self, _event: &EventContext) -> WriterResult {
         Ok(())
     }
-    fn pre_restore(&self, _components: &[String]) -> WriterResult {
+    /// The backup was aborted: undo whatever was prepared or frozen (a
+    /// thaw's work too; no thaw follows). May come more than once, and
+    /// after a call of this writer that overran its limit returns.
+    fn abort(&self, _event: &EventContext) -> WriterResult {
         Ok(())
     }
-    fn post_restore(&self, _components: &[String]) -> WriterResult {
+    fn pre_restore(&self, _event: &EventContext) -> WriterResult {
+        Ok(())
+    }
+    fn post_restore(&self, _event: &EventContext) -> WriterResult {
         Ok(())
     }
 }

@@ -10,18 +10,19 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::writer::{
-    Component, FailureKind, FreezeLevel, RestoreMethod, UsageType, Writer, WriterFailure,
-    WriterMetadata, WriterResult,
+    Component, EventContext, FailureKind, FreezeLevel, RestoreMethod, UsageType, Writer,
+    WriterFailure, WriterMetadata, WriterResult,
 };
 
 /// Events a `CommandWriter` can run a command for.
-pub const EVENTS: [&str; 9] = [
+pub const EVENTS: [&str; 10] = [
     "prepare-backup",
     "prepare-snapshot",
     "freeze",
     "thaw",
     "post-snapshot",
     "backup-complete",
+    "backup-shutdown",
     "abort",
     "pre-restore",
     "post-restore",
@@ -30,7 +31,12 @@ pub const EVENTS: [&str; 9] = [
 /// Runs configured commands at protocol events, like an application's
 /// pre/post scripts. A non-zero exit is a failure carrying the command's
 /// stderr; a command still running at `timeout` is killed and reported as
-/// a timeout.
+/// a timeout. `timeout` is also this writer's freeze-to-thaw limit. The
+/// event's details are in the environment: `VOLSHADOW_EVENT`,
+/// `VOLSHADOW_WRITER`, `VOLSHADOW_COMPONENTS` and `VOLSHADOW_VOLUMES` (one
+/// a line), `VOLSHADOW_SET_ID` (empty outside a set),
+/// `VOLSHADOW_BACKUP_TYPE`, `VOLSHADOW_CONTEXT`. On abort it runs the
+/// `abort` command, or without one the `thaw` command if it froze.
 #[derive(Debug)]
 pub struct CommandWriter {
     name: String,
@@ -39,6 +45,8 @@ pub struct CommandWriter {
     components: Vec<Component>,
     commands: HashMap<String, Vec<String>>,
     timeout: Duration,
+    /// Froze and not yet thawed: what an abort without its own command undoes.
+    frozen: AtomicBool,
 }
 
 impl CommandWriter {
@@ -68,18 +76,31 @@ impl CommandWriter {
             components,
             commands,
             timeout,
+            frozen: AtomicBool::new(false),
         })
     }
 
-    fn run(&self, event: &str, components: &[String]) -> WriterResult {
+    fn run(&self, event: &str, ctx: &EventContext) -> WriterResult {
         let Some(argv) = self.commands.get(event) else {
             return Ok(());
         };
+        let volumes: Vec<String> = ctx
+            .volumes
+            .iter()
+            .map(|v| v.display().to_string())
+            .collect();
         let mut child = Command::new(&argv[0])
             .args(&argv[1..])
             .env("VOLSHADOW_EVENT", event)
             .env("VOLSHADOW_WRITER", &self.name)
-            .env("VOLSHADOW_COMPONENTS", components.join("\n"))
+            .env("VOLSHADOW_COMPONENTS", ctx.components.join("\n"))
+            .env("VOLSHADOW_VOLUMES", volumes.join("\n"))
+            .env(
+                "VOLSHADOW_SET_ID",
+                ctx.set_id.map(|s| s.to_string()).unwrap_or_default(),
+            )
+            .env("VOLSHADOW_BACKUP_TYPE", ctx.backup_type.as_str())
+            .env("VOLSHADOW_CONTEXT", ctx.context.as_str())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -135,32 +156,48 @@ impl Writer for CommandWriter {
             components: self.components.clone(),
         })
     }
-    fn prepare_for_backup(&self, components: &[String]) -> WriterResult {
-        self.run("prepare-backup", components)
+    fn timeout(&self) -> Option<Duration> {
+        Some(self.timeout)
     }
-    fn prepare_for_snapshot(&self) -> WriterResult {
-        self.run("prepare-snapshot", &[])
+    fn prepare_for_backup(&self, ctx: &EventContext) -> WriterResult {
+        self.run("prepare-backup", ctx)
     }
-    fn freeze(&self) -> WriterResult {
-        self.run("freeze", &[])
+    fn prepare_for_snapshot(&self, ctx: &EventContext) -> WriterResult {
+        self.run("prepare-snapshot", ctx)
     }
-    fn thaw(&self) -> WriterResult {
-        self.run("thaw", &[])
+    fn freeze(&self, ctx: &EventContext) -> WriterResult {
+        self.run("freeze", ctx)?;
+        self.frozen.store(true, Ordering::Release);
+        Ok(())
     }
-    fn post_snapshot(&self) -> WriterResult {
-        self.run("post-snapshot", &[])
+    fn thaw(&self, ctx: &EventContext) -> WriterResult {
+        self.frozen.store(false, Ordering::Release);
+        self.run("thaw", ctx)
     }
-    fn backup_complete(&self, succeeded: &[String]) -> WriterResult {
-        self.run("backup-complete", succeeded)
+    fn post_snapshot(&self, ctx: &EventContext) -> WriterResult {
+        self.run("post-snapshot", ctx)
     }
-    fn abort(&self) -> WriterResult {
-        self.run("abort", &[])
+    fn backup_complete(&self, ctx: &EventContext) -> WriterResult {
+        self.run("backup-complete", ctx)
     }
-    fn pre_restore(&self, components: &[String]) -> WriterResult {
-        self.run("pre-restore", components)
+    fn backup_shutdown(&self, ctx: &EventContext) -> WriterResult {
+        self.run("backup-shutdown", ctx)
     }
-    fn post_restore(&self, components: &[String]) -> WriterResult {
-        self.run("post-restore", components)
+    fn abort(&self, ctx: &EventContext) -> WriterResult {
+        let was_frozen = self.frozen.swap(false, Ordering::AcqRel);
+        if self.commands.contains_key("abort") {
+            self.run("abort", ctx)
+        } else if was_frozen {
+            self.run("thaw", ctx)
+        } else {
+            Ok(())
+        }
+    }
+    fn pre_restore(&self, ctx: &EventContext) -> WriterResult {
+        self.run("pre-restore", ctx)
+    }
+    fn post_restore(&self, ctx: &EventContext) -> WriterResult {
+        self.run("post-restore", ctx)
     }
 }
 
@@ -216,16 +253,16 @@ impl Writer for FsFreezeWriter {
         // After applications have flushed their own data.
         FreezeLevel::System
     }
-    fn freeze(&self) -> WriterResult {
+    fn freeze(&self, _event: &EventContext) -> WriterResult {
         volshadow_block::freeze_filesystem(&self.mount)
             .map_err(|e| WriterFailure::new(FailureKind::NonRetryable, e.to_string()))?;
         self.frozen.store(true, Ordering::Release);
         Ok(())
     }
-    fn thaw(&self) -> WriterResult {
+    fn thaw(&self, _event: &EventContext) -> WriterResult {
         self.do_thaw()
     }
-    fn abort(&self) -> WriterResult {
+    fn abort(&self, _event: &EventContext) -> WriterResult {
         self.do_thaw()
     }
 }

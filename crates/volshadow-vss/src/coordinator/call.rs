@@ -1,0 +1,113 @@
+//! Calling a writer within its limit, and what becomes of a call that
+//! overruns it.
+//!
+//! A call runs on its own thread. At its deadline the coordinator stops
+//! waiting and reports a timeout naming the writer; the call is fenced:
+//! the writer gets no other call (no abort running beside a freeze) until
+//! it returns, and a late freeze that succeeded is undone with `abort`
+//! then, so nothing is left frozen with nobody to thaw it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::writer::{EventContext, FailureKind, Phase, Writer, WriterFailure, WriterResult};
+
+use super::Coordinator;
+
+/// One writer event: what the writer is asked.
+pub(super) type Event = fn(&dyn Writer, &EventContext) -> WriterResult;
+
+enum CallState {
+    Running,
+    Done(WriterResult),
+    /// The coordinator gave up waiting; the call's thread finishes it.
+    Abandoned,
+}
+
+impl Coordinator {
+    /// The limit of each call of writer `idx`, and of its freeze window.
+    pub(super) fn limit_of(&self, idx: usize) -> Duration {
+        self.writers[idx]
+            .writer
+            .timeout()
+            .unwrap_or(self.timeouts.freeze)
+    }
+
+    /// True while a call of writer `idx` that overran its limit is still
+    /// running.
+    pub(super) fn is_late(&self, idx: usize) -> bool {
+        self.writers[idx].late.load(Ordering::Acquire)
+    }
+
+    /// Calls writer `idx` for `phase`, waiting until `deadline`. `undo`:
+    /// the call, if it returns success after the deadline, is undone with
+    /// `abort` (a freeze).
+    pub(super) fn call(
+        &self,
+        idx: usize,
+        phase: Phase,
+        deadline: Instant,
+        ctx: &EventContext,
+        undo: bool,
+        event: Event,
+    ) -> WriterResult {
+        let slot = &self.writers[idx];
+        if slot.late.load(Ordering::Acquire) {
+            return Err(WriterFailure::new(
+                FailureKind::Timeout,
+                format!("not called for {phase}: a call that overran its limit is still running"),
+            ));
+        }
+        let limit = self.limit_of(idx);
+        let shared = Arc::new((Mutex::new(CallState::Running), Condvar::new()));
+        let theirs = shared.clone();
+        let writer = slot.writer.clone();
+        let late: Arc<AtomicBool> = slot.late.clone();
+        let ctx_theirs = ctx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("writer {phase}"))
+            .spawn(move || {
+                let result = event(&*writer, &ctx_theirs);
+                let (lock, changed) = &*theirs;
+                let mut st = lock.lock().unwrap_or_else(PoisonError::into_inner);
+                if matches!(*st, CallState::Abandoned) {
+                    drop(st);
+                    if undo && result.is_ok() {
+                        let _ = writer.abort(&ctx_theirs);
+                    }
+                    late.store(false, Ordering::Release);
+                } else {
+                    *st = CallState::Done(result);
+                    changed.notify_all();
+                }
+            });
+        if let Err(e) = spawned {
+            return Err(WriterFailure::new(
+                FailureKind::OutOfResources,
+                format!("cannot start a thread for {phase}: {e}"),
+            ));
+        }
+        let (lock, changed) = &*shared;
+        let mut st = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            match std::mem::replace(&mut *st, CallState::Running) {
+                CallState::Done(result) => return result,
+                other => *st = other,
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                *st = CallState::Abandoned;
+                slot.late.store(true, Ordering::Release);
+                return Err(WriterFailure::new(
+                    FailureKind::Timeout,
+                    format!("{phase} did not return within the writer's limit of {limit:?}"),
+                ));
+            }
+            st = changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
