@@ -209,6 +209,7 @@ pub struct FsFreezeWriter {
     instance_id: Uuid,
     frozen: AtomicBool,
     volumes: Vec<PathBuf>,
+    timeout: Option<Duration>,
 }
 
 impl FsFreezeWriter {
@@ -219,7 +220,14 @@ impl FsFreezeWriter {
             instance_id: Uuid::new_v4(),
             frozen: AtomicBool::new(false),
             volumes,
+            timeout: None,
         }
+    }
+
+    /// Gives the writer its own limit (see [`Writer::timeout`]).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
     }
 
     fn do_thaw(&self) -> WriterResult {
@@ -248,6 +256,9 @@ impl Writer for FsFreezeWriter {
             }],
             name,
         })
+    }
+    fn timeout(&self) -> Option<Duration> {
+        self.timeout
     }
     fn freeze_level(&self) -> FreezeLevel {
         // After applications have flushed their own data.

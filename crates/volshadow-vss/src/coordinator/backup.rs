@@ -309,6 +309,9 @@ impl BackupSession {
                     warn!(writer = %self.coord.name_of(idx), "a call that overran its limit is still running; left out of this backup");
                     continue;
                 }
+                if self.excluded.contains(&self.coord.writer_id(idx)) {
+                    continue;
+                }
                 match self.coord.writers[idx].writer.identify() {
                     Ok(m) if self.excluded.contains(&m.writer_id) => {}
                     Ok(m) => {
