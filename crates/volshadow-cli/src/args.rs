@@ -483,6 +483,9 @@ pub(crate) enum DeleteWhat {
         /// Every shadow copy.
         #[arg(long, group = "which")]
         all: bool,
+        /// Every shadow copy of this snapshot set (id or unique prefix).
+        #[arg(long, group = "which")]
+        set: Option<String>,
     },
 }
 

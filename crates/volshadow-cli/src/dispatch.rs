@@ -62,13 +62,17 @@ pub(crate) fn run(cmd: Command) -> Result<()> {
                     shadow,
                     oldest,
                     all,
+                    set,
                 },
         } => {
+            if let Some(set) = set {
+                return vss::delete_set(&volume, &set);
+            }
             let which = match (shadow, oldest, all) {
                 (Some(id), _, _) => Which::Id(id),
                 (None, true, _) => Which::Oldest,
                 (None, _, true) => Which::All,
-                _ => bail!("say which: --shadow ID, --oldest or --all"),
+                _ => bail!("say which: --shadow ID, --set ID, --oldest or --all"),
             };
             shadows::delete(&volume, which)
         }

@@ -1,14 +1,14 @@
-//! `backup`, `restore`, `list writers`, `list providers`: the VSS protocol
-//! from a TOML configuration.
+//! The backup configuration (TOML) and the coordinator it describes.
 //!
 //! ```toml
 //! [backup]
 //! context = "app-rollback"    # backup | file-share | app-rollback | nas-rollback | client-accessible
 //! type = "full"               # full | incremental | differential | copy | log
-//! freeze_timeout = "60s"
+//! freeze_timeout = "60s"      # writers without their own `timeout`
 //! hold_timeout = "10s"
 //! document = "backup.json"
 //! previous = "last.json"      # incremental / differential: the base backup's document
+//! select = ["app/db"]         # writer/logical/path/component; default: every selectable one
 //! [[volume]]
 //! path = "disk.img"
 //! [[writer]]
@@ -16,10 +16,11 @@
 //! kind = "command"            # command | fsfreeze
 //! freeze = ["sh", "-c", "..."]
 //! thaw = ["sh", "-c", "..."]
-//! timeout = "30s"
+//! timeout = "30s"             # this writer's own limit: each event, and freeze to thaw
 //! [[writer.component]]
 //! name = "db"
 //! paths = ["/srv/db"]
+//! selectable = true
 //! ```
 
 use std::collections::HashMap;
@@ -30,37 +31,40 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
 use volshadow_vss::{
-    BackupDocument, BackupType, CommandWriter, Component, Context, Coordinator, CowProvider,
-    EVENTS, FsFreezeWriter, Provider, ReflinkProvider, Writer,
+    BackupType, CommandWriter, Component, Context, Coordinator, CowProvider, EVENTS,
+    FsFreezeWriter, ReflinkProvider, Writer,
 };
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
-    backup: BackupSection,
+    pub backup: BackupSection,
     #[serde(default)]
-    volume: Vec<VolumeSection>,
+    pub volume: Vec<VolumeSection>,
     #[serde(default)]
     writer: Vec<WriterSection>,
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct BackupSection {
+pub struct BackupSection {
     #[serde(default)]
-    context: Context,
+    pub context: Context,
     #[serde(default, rename = "type")]
-    backup_type: BackupType,
+    pub backup_type: BackupType,
     freeze_timeout: Option<String>,
     hold_timeout: Option<String>,
-    document: Option<PathBuf>,
-    previous: Option<PathBuf>,
+    pub document: Option<PathBuf>,
+    pub previous: Option<PathBuf>,
+    /// Components to back up, `writer/logical/path/component`; default:
+    /// every selectable one.
+    pub select: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct VolumeSection {
+pub struct VolumeSection {
     path: PathBuf,
 }
 
@@ -74,6 +78,8 @@ struct ComponentSection {
     paths: Vec<PathBuf>,
     /// Volumes the component lives on; default: every configured volume.
     volumes: Option<Vec<PathBuf>>,
+    /// Selectable for backup (VSS); default true.
+    selectable: Option<bool>,
 }
 
 /// Command events are the other keys of a writer table, so unknown keys
@@ -120,6 +126,15 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     }
 }
 
+/// A coordinator with the providers, in order of preference: the COW
+/// provider (with whatever volumes `cow` was given), then reflink.
+pub fn with_providers(cow: Arc<CowProvider>) -> Coordinator {
+    let mut c = Coordinator::new();
+    c.add_provider(cow);
+    c.add_provider(Arc::new(ReflinkProvider::new()));
+    c
+}
+
 /// The configuration, with paths resolved against its directory.
 pub struct Loaded {
     pub config: Config,
@@ -135,7 +150,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
 }
 
 impl Loaded {
-    fn resolve(&self, p: &Path) -> PathBuf {
+    pub fn resolve(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
             p.to_owned()
         } else {
@@ -143,7 +158,7 @@ impl Loaded {
         }
     }
 
-    fn volumes(&self) -> Vec<PathBuf> {
+    pub fn volumes(&self) -> Vec<PathBuf> {
         self.config
             .volume
             .iter()
@@ -151,17 +166,28 @@ impl Loaded {
             .collect()
     }
 
+    /// The limit of writers without a `timeout` of their own.
+    fn freeze_timeout(&self) -> Result<Duration> {
+        Ok(match &self.config.backup.freeze_timeout {
+            Some(t) => parse_duration(t).context("[backup] freeze_timeout")?,
+            None => Duration::from_secs(60),
+        })
+    }
+
     fn writers(&self) -> Result<Vec<Arc<dyn Writer>>> {
         let vols = self.volumes();
         let mut out: Vec<Arc<dyn Writer>> = Vec::new();
         for w in &self.config.writer {
-            let timeout = w
+            let own = w
                 .timeout
                 .as_deref()
                 .map(parse_duration)
                 .transpose()
-                .with_context(|| format!("writer {}: timeout", w.name))?
-                .unwrap_or(Duration::from_secs(60));
+                .with_context(|| format!("writer {}: timeout", w.name))?;
+            let timeout = match own {
+                Some(t) => t,
+                None => self.freeze_timeout()?,
+            };
             let components = w
                 .component
                 .iter()
@@ -174,7 +200,7 @@ impl Loaded {
                         .as_ref()
                         .map(|v| v.iter().map(|p| self.resolve(p)).collect())
                         .unwrap_or_else(|| vols.clone()),
-                    selectable: true,
+                    selectable: c.selectable.unwrap_or(true),
                 })
                 .collect();
             match w.kind.as_str() {
@@ -190,7 +216,11 @@ impl Loaded {
                     if let Some(k) = w.commands.keys().next() {
                         bail!("writer {}: fsfreeze takes no command {k:?}", w.name);
                     }
-                    out.push(Arc::new(FsFreezeWriter::new(mount, vols.clone())));
+                    let mut fw = FsFreezeWriter::new(mount, vols.clone());
+                    if let Some(t) = own {
+                        fw = fw.with_timeout(t);
+                    }
+                    out.push(Arc::new(fw));
                 }
                 other => bail!(
                     "writer {}: unknown kind {other:?} (command or fsfreeze; command events: {})",
@@ -205,7 +235,6 @@ impl Loaded {
     /// Coordinator with the COW provider (volumes opened here) preferred
     /// over the reflink provider.
     pub fn coordinator(&self, open_volumes: bool) -> Result<Arc<Coordinator>> {
-        let mut c = Coordinator::new();
         let cow = Arc::new(CowProvider::new());
         if open_volumes {
             for v in self.volumes() {
@@ -216,176 +245,16 @@ impl Loaded {
                 }
             }
         }
-        c.add_provider(cow);
-        c.add_provider(Arc::new(ReflinkProvider::new()));
+        let mut c = with_providers(cow);
         for w in self.writers()? {
             c.add_writer(w);
         }
-        if let Some(t) = &self.config.backup.freeze_timeout {
-            c.timeouts.freeze = parse_duration(t).context("[backup] freeze_timeout")?;
-        }
+        c.timeouts.freeze = self.freeze_timeout()?;
         if let Some(t) = &self.config.backup.hold_timeout {
             c.timeouts.hold = parse_duration(t).context("[backup] hold_timeout")?;
         }
         Ok(Arc::new(c))
     }
-}
-
-/// Runs a backup; writes and returns the document.
-pub fn backup(config: &Path) -> Result<BackupDocument> {
-    let l = load(config)?;
-    if l.config.volume.is_empty() {
-        bail!("{}: no [[volume]] to back up", config.display());
-    }
-    // Refused before any writer freezes: the document must not land on a
-    // volume's own files.
-    let out = l.resolve(
-        l.config
-            .backup
-            .document
-            .as_deref()
-            .unwrap_or(Path::new("backup.json")),
-    );
-    crate::guard::refuse_volume_file(&out, &l.volumes(), "the backup document")?;
-    let c = l.coordinator(true)?;
-    let previous = match &l.config.backup.previous {
-        Some(p) => {
-            let p = l.resolve(p);
-            let text =
-                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-            Some(BackupDocument::from_json(&text).map_err(anyhow::Error::msg)?)
-        }
-        None => None,
-    };
-    let mut s = c.backup();
-    s.initialize_for_backup()?;
-    s.set_context(l.config.backup.context)?;
-    s.set_backup_state(l.config.backup.backup_type, previous.as_ref())?;
-    let meta = s.gather_writer_metadata()?;
-    for m in &meta {
-        for comp in m.components.iter().filter(|c| c.selectable) {
-            s.add_component(m.writer_id, &comp.full_path())?;
-        }
-    }
-    let set = s.start_snapshot_set()?;
-    for v in l.volumes() {
-        let provider = s.add_to_snapshot_set(&v)?;
-        eprintln!("  {} -> {provider}", v.display());
-    }
-    s.prepare_for_backup()?;
-    let snaps = s.do_snapshot_set()?;
-    for m in &meta {
-        for comp in &m.components {
-            s.backup_component_succeeded(&comp.full_path())?;
-        }
-    }
-    let doc = s.backup_complete()?;
-    std::fs::write(&out, doc.to_json() + "\n")
-        .with_context(|| format!("writing {}", out.display()))?;
-    println!(
-        "Backup complete: snapshot set {set}, {} snapshot(s); document {}.",
-        snaps.len(),
-        out.display()
-    );
-    for sn in &snaps {
-        println!(
-            "  {}: {} ({})",
-            sn.volume.display(),
-            sn.snapshot_id,
-            sn.provider
-        );
-    }
-    Ok(doc)
-}
-
-/// Restores every component of the document (or the named ones).
-pub fn restore(config: &Path, document: &Path, components: &[String]) -> Result<()> {
-    let l = load(config)?;
-    let text = std::fs::read_to_string(document)
-        .with_context(|| format!("reading {}", document.display()))?;
-    let doc = BackupDocument::from_json(&text).map_err(anyhow::Error::msg)?;
-    let c = l.coordinator(true)?;
-    let selected: Vec<String> = if components.is_empty() {
-        doc.components.iter().map(|c| c.full_path.clone()).collect()
-    } else {
-        components.to_vec()
-    };
-    if selected.is_empty() {
-        bail!("the backup has no components to restore");
-    }
-    let mut r = c.restore(doc)?;
-    r.gather_writer_metadata()?;
-    for comp in &selected {
-        r.select_for_restore(comp)?;
-    }
-    r.pre_restore()?;
-    r.restore()?;
-    let done = r.post_restore()?;
-    let mut failed = 0;
-    for comp in done
-        .components
-        .iter()
-        .filter(|c| selected.contains(&c.full_path))
-    {
-        let ok = comp.restore_succeeded == Some(true);
-        failed += usize::from(!ok);
-        println!(
-            "  {}: {}",
-            comp.full_path,
-            if ok { "restored" } else { "FAILED" }
-        );
-    }
-    if failed > 0 {
-        bail!("{failed} component(s) failed to restore");
-    }
-    println!("Restore complete.");
-    Ok(())
-}
-
-pub fn list_writers(config: &Path, json: bool) -> Result<()> {
-    let l = load(config)?;
-    let c = l.coordinator(false)?;
-    let status = c.writer_status();
-    if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-        return Ok(());
-    }
-    for s in status {
-        println!(
-            "Writer name: '{}'\n   Writer Id: {{{}}}\n   Writer Instance Id: {{{}}}\n   State: {}\n   Last error: {}\n",
-            s.name,
-            s.writer_id,
-            s.instance_id,
-            s.state,
-            s.last_error
-                .map_or_else(|| "No error".to_string(), |e| e.to_string())
-        );
-    }
-    Ok(())
-}
-
-pub fn list_providers(json: bool) -> Result<()> {
-    let providers: Vec<Arc<dyn Provider>> = vec![
-        Arc::new(CowProvider::new()),
-        Arc::new(ReflinkProvider::new()),
-    ];
-    let rows: Vec<serde_json::Value> = providers
-        .iter()
-        .map(|p| serde_json::json!({"name": p.name(), "id": p.id(), "kind": p.kind()}))
-        .collect();
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
-        for p in &providers {
-            println!(
-                "Provider name: '{}'\n   Provider type: {}\n   Provider Id: {{{}}}\n",
-                p.name(),
-                p.kind(),
-                p.id()
-            );
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

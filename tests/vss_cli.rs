@@ -1,0 +1,194 @@
+//! The VSS verbs as a new user meets them: a writer's veto keeps the
+//! shadow copies, writer limits of their own, `list writers` showing the
+//! last backup, one set id everywhere, selection, restores refused up
+//! front, `delete shadows --set`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// A configuration backing up disk.img with the given writer tables.
+fn config(d: &Path, name: &str, backup: &str, writers: &str) {
+    std::fs::write(
+        d.join(name),
+        format!(
+            "[backup]\ndocument = \"backup.json\"\n{backup}\n[[volume]]\npath = \"disk.img\"\n{writers}"
+        ),
+    )
+    .unwrap();
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn doc(d: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(d.join("backup.json")).unwrap()).unwrap()
+}
+
+#[cfg(unix)]
+#[test]
+fn a_post_snapshot_veto_keeps_the_copies_and_list_writers_shows_it() {
+    let dir = volume("4M");
+    let d = dir.path();
+    config(
+        d,
+        "b.toml",
+        "context = \"app-rollback\"",
+        r#"
+[[writer]]
+name = "app"
+kind = "command"
+post-snapshot = ["sh", "-c", "echo 'log shipping is down' >&2; exit 3"]
+[[writer.component]]
+name = "db"
+"#,
+    );
+    let out = vs_raw(d, &["backup", "--config", "b.toml"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("writer app failed at post-snapshot") && err.contains("kept"),
+        "{err}"
+    );
+    // The set stands; the document says the component is not backed up.
+    assert_eq!(shadow_ids(d, "disk.img").len(), 1);
+    let doc = doc(d);
+    assert_eq!(doc["components"][0]["backup_succeeded"], false);
+    assert!(
+        doc["components"][0]["writer_failure"]
+            .as_str()
+            .unwrap()
+            .contains("log shipping is down")
+    );
+    // A later `list writers` shows how that backup left the writer.
+    let text = vs(d, &["list", "writers", "--config", "b.toml"]);
+    assert!(text.contains("State: [8] Failed"), "{text}");
+    assert!(
+        text.contains("Last error: Non-retryable error at post-snapshot"),
+        "{text}"
+    );
+    let rows = json(d, &["list", "writers", "--config", "b.toml", "--json"]);
+    assert_eq!(rows[0]["state"]["failed-at"], "post-snapshot");
+}
+
+#[cfg(unix)]
+#[test]
+fn a_writers_own_timeout_is_its_limit_and_names_it() {
+    // "first" freezes first and gives itself 300 ms from freeze to thaw;
+    // "second" takes a second to freeze, within its own 20 s.
+    let dir = volume("4M");
+    let d = dir.path();
+    config(
+        d,
+        "b.toml",
+        "context = \"app-rollback\"\nfreeze_timeout = \"60s\"",
+        r#"
+[[writer]]
+name = "first"
+kind = "command"
+timeout = "300ms"
+freeze = ["sh", "-c", "true"]
+[[writer.component]]
+name = "a"
+[[writer]]
+name = "second"
+kind = "command"
+timeout = "20s"
+freeze = ["sh", "-c", "sleep 1"]
+[[writer.component]]
+name = "b"
+"#,
+    );
+    let out = vs_raw(d, &["backup", "--config", "b.toml"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("writer first failed at freeze") && err.contains("Timed out"),
+        "{err}"
+    );
+    assert!(shadow_ids(d, "disk.img").is_empty());
+    let text = vs(d, &["list", "writers", "--config", "b.toml"]);
+    assert!(text.contains("Last error: Timed out at freeze"), "{text}");
+}
+
+#[test]
+fn one_set_id_everywhere_and_delete_shadows_by_set() {
+    let dir = volume("4M");
+    let d = dir.path();
+    config(d, "b.toml", "context = \"nas-rollback\"", "");
+    vs(d, &["backup", "--config", "b.toml"]);
+    let set = doc(d)["set_id"].as_str().unwrap().to_string();
+    let listed = json(d, &["list", "shadows", "--for", "disk.img", "--json"]);
+    assert_eq!(listed["shadows"][0]["set_id"], set.as_str());
+    vs(d, &["create", "shadow", "--for", "disk.img"]);
+    let out = vs(
+        d,
+        &["delete", "shadows", "--for", "disk.img", "--set", &set[..8]],
+    );
+    assert!(!out.is_empty());
+    let left = json(d, &["list", "shadows", "--for", "disk.img", "--json"]);
+    let left = left["shadows"].as_array().unwrap();
+    assert_eq!(left.len(), 1, "only the set's copy goes");
+    assert_ne!(left[0]["set_id"], set.as_str());
+    let out = vs_raw(
+        d,
+        &["delete", "shadows", "--for", "disk.img", "--set", &set],
+    );
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[cfg(unix)]
+#[test]
+fn selection_and_restores_refused_up_front() {
+    let dir = volume("4M");
+    let d = dir.path();
+    config(
+        d,
+        "b.toml",
+        "context = \"backup\"\nselect = [\"app/data/db\"]",
+        r#"
+[[writer]]
+name = "app"
+kind = "command"
+freeze = ["sh", "-c", "echo \"freeze $VOLSHADOW_COMPONENTS\" >> events.log"]
+pre-restore = ["sh", "-c", "echo pre-restore >> events.log"]
+[[writer.component]]
+logical_path = "data"
+name = "db"
+[[writer.component]]
+name = "logs"
+"#,
+    );
+    vs(d, &["backup", "--config", "b.toml"]);
+    let doc = doc(d);
+    let comps = doc["components"].as_array().unwrap();
+    assert_eq!(comps.len(), 1);
+    assert_eq!(comps[0]["full_path"], "data\\db");
+    assert!(shadow_ids(d, "disk.img").is_empty(), "context backup auto-releases");
+    // Its snapshots were released: refused before any writer is told.
+    let out = vs_raw(
+        d,
+        &["restore", "--config", "b.toml", "--document", "backup.json"],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("released"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(d.join("events.log")).unwrap(),
+        "freeze data\\db\n"
+    );
+    // A selection naming nothing known is refused before anything runs.
+    config(
+        d,
+        "bad.toml",
+        "context = \"backup\"\nselect = [\"app/nothing\"]",
+        "[[writer]]\nname = \"app\"\nkind = \"command\"\n[[writer.component]]\nname = \"db\"\n",
+    );
+    let out = vs_raw(d, &["backup", "--config", "bad.toml"]);
+    let err = stderr(&out);
+    assert!(err.contains("app/nothing") && err.contains("app/db"), "{err}");
+}
