@@ -192,3 +192,88 @@ name = "logs"
     let err = stderr(&out);
     assert!(err.contains("app/nothing") && err.contains("app/db"), "{err}");
 }
+
+#[cfg(unix)]
+#[test]
+fn an_aborted_set_sends_abort_not_abort_and_thaw() {
+    let dir = volume("4M");
+    let d = dir.path();
+    config(
+        d,
+        "b.toml",
+        "context = \"app-rollback\"",
+        r#"
+[[writer]]
+name = "app"
+kind = "command"
+freeze = ["sh", "-c", "echo frozen >> events.log"]
+thaw = ["sh", "-c", "echo thawed >> events.log"]
+abort = ["sh", "-c", "echo aborted >> events.log"]
+[[writer.component]]
+name = "db"
+[[writer]]
+name = "locker"
+kind = "command"
+freeze = ["sh", "-c", "echo 'cannot lock' >&2; exit 4"]
+[[writer.component]]
+name = "files"
+"#,
+    );
+    let out = vs_raw(d, &["backup", "--config", "b.toml"]);
+    assert!(stderr(&out).contains("writer locker failed at freeze"), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(d.join("events.log")).unwrap(),
+        "frozen\naborted\n"
+    );
+    assert!(shadow_ids(d, "disk.img").is_empty());
+}
+
+/// An fsfreeze writer whose FIFREEZE returns after its own limit: the
+/// backup fails naming it, and the file system is thawed when it returns.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_late_fifreeze_leaves_nothing_frozen() {
+    if !is_root() || !have("mkfs.ext4") || !have("losetup") || !have("fsfreeze") {
+        eprintln!("SKIP: needs root, mkfs.ext4, losetup and fsfreeze");
+        return;
+    }
+    let dir = volume("4M");
+    let d = dir.path();
+    let mnt = d.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = |cmd: &str| {
+        std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .current_dir(d)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !ok("truncate -s 192M fs.img && mkfs.ext4 -q -F fs.img >/dev/null 2>&1 && mount -o loop fs.img mnt") {
+        eprintln!("SKIP: cannot loop-mount an ext4 here");
+        return;
+    }
+    // Dirty data: FIFREEZE writes it back first, far past the 30 ms limit.
+    std::fs::write(mnt.join("dirty"), vec![0x5A; 96 << 20]).unwrap();
+    config(
+        d,
+        "b.toml",
+        "context = \"app-rollback\"",
+        "[[writer]]\nname = \"fs\"\nkind = \"fsfreeze\"\nmount = \"mnt\"\ntimeout = \"30ms\"\n",
+    );
+    let out = vs_raw(d, &["backup", "--config", "b.toml"]);
+    let file = mnt.join("after");
+    let t = std::thread::spawn(move || std::fs::write(file, b"y").is_ok());
+    let started = std::time::Instant::now();
+    while !t.is_finished() && started.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let thawed = t.is_finished();
+    ok("fsfreeze -u mnt 2>/dev/null; umount mnt");
+    assert!(thawed, "left frozen: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("failed at freeze") && stderr(&out).contains("Timed out"),
+        "{}",
+        stderr(&out)
+    );
+}

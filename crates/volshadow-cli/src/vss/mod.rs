@@ -45,9 +45,33 @@ pub fn backup(config: &Path) -> Result<BackupDocument> {
         None => None,
     };
     let result = run_backup(&l, &c, previous.as_ref(), &out);
+    finish_late_calls(&c);
     status::save(&c, &status_file);
     result
 }
+
+/// A writer call that overran its limit (a freeze) is undone when it
+/// returns; this process must still be there then.
+fn finish_late_calls(c: &Coordinator) {
+    let late = c.finish_late_calls(std::time::Duration::ZERO);
+    if late.is_empty() {
+        return;
+    }
+    eprintln!(
+        "waiting for {} to return from a call that overran its limit, to undo it",
+        late.join(", ")
+    );
+    let left = c.finish_late_calls(LATE_CALL_WAIT);
+    if !left.is_empty() {
+        eprintln!(
+            "warning: {} did not return within {LATE_CALL_WAIT:?}; check that nothing is left frozen",
+            left.join(", ")
+        );
+    }
+}
+
+/// How long the CLI waits for late writer calls before exiting.
+const LATE_CALL_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn run_backup(
     l: &Loaded,
@@ -171,6 +195,7 @@ pub fn restore(config: &Path, document: &Path, components: &[String]) -> Result<
         r.restore()?;
         Ok(r.post_restore()?)
     })();
+    finish_late_calls(&c);
     status::save(&c, &status_file);
     let done = result?;
     let mut failed = 0;

@@ -40,6 +40,23 @@ impl Coordinator {
         self.writers[idx].late.load(Ordering::Acquire)
     }
 
+    /// Waits (at most `limit`) for writer calls that overran their limit
+    /// to return and be undone; returns the writers whose call is still
+    /// running. A process must not exit before: a late freeze that returns
+    /// after the process is gone is never thawed.
+    pub fn finish_late_calls(&self, limit: Duration) -> Vec<String> {
+        let until = Instant::now() + limit;
+        loop {
+            let late: Vec<usize> = (0..self.writers.len())
+                .filter(|&i| self.is_late(i))
+                .collect();
+            if late.is_empty() || Instant::now() >= until {
+                return late.into_iter().map(|i| self.name_of(i)).collect();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Calls writer `idx` for `phase`, waiting until `deadline`. `undo`:
     /// the call, if it returns success after the deadline, is undone with
     /// `abort` (a freeze).

@@ -14,6 +14,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use tracing::warn;
 use uuid::Uuid;
 use volshadow_block::BlockDevice;
 
@@ -67,6 +68,9 @@ struct WriterSlot {
     late: Arc<AtomicBool>,
 }
 
+/// How long dropping a coordinator waits for late writer calls.
+const LATE_CALLS_AT_DROP: Duration = Duration::from_secs(60);
+
 /// Writers, providers (in order of preference) and their status.
 ///
 /// Build it once, share it as an `Arc`; [`Coordinator::backup`] and
@@ -111,6 +115,17 @@ pub struct ProviderInfo {
     pub name: String,
     pub id: Uuid,
     pub kind: String,
+}
+
+impl Drop for Coordinator {
+    /// Late writer calls are waited for (bounded), so a late freeze is
+    /// still undone when the coordinator goes away.
+    fn drop(&mut self) {
+        let left = self.finish_late_calls(LATE_CALLS_AT_DROP);
+        if !left.is_empty() {
+            warn!(writers = ?left, "writer calls that overran their limit are still running");
+        }
+    }
 }
 
 impl Default for Coordinator {
