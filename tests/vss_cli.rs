@@ -168,7 +168,10 @@ name = "logs"
     let comps = doc["components"].as_array().unwrap();
     assert_eq!(comps.len(), 1);
     assert_eq!(comps[0]["full_path"], "data\\db");
-    assert!(shadow_ids(d, "disk.img").is_empty(), "context backup auto-releases");
+    assert!(
+        shadow_ids(d, "disk.img").is_empty(),
+        "context backup auto-releases"
+    );
     // Its snapshots were released: refused before any writer is told.
     let out = vs_raw(
         d,
@@ -190,7 +193,10 @@ name = "logs"
     );
     let out = vs_raw(d, &["backup", "--config", "bad.toml"]);
     let err = stderr(&out);
-    assert!(err.contains("app/nothing") && err.contains("app/db"), "{err}");
+    assert!(
+        err.contains("app/nothing") && err.contains("app/db"),
+        "{err}"
+    );
 }
 
 #[cfg(unix)]
@@ -220,7 +226,11 @@ name = "files"
 "#,
     );
     let out = vs_raw(d, &["backup", "--config", "b.toml"]);
-    assert!(stderr(&out).contains("writer locker failed at freeze"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("writer locker failed at freeze"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(
         std::fs::read_to_string(d.join("events.log")).unwrap(),
         "frozen\naborted\n"
@@ -249,7 +259,9 @@ fn a_late_fifreeze_leaves_nothing_frozen() {
             .map(|s| s.success())
             .unwrap_or(false)
     };
-    if !ok("truncate -s 192M fs.img && mkfs.ext4 -q -F fs.img >/dev/null 2>&1 && mount -o loop fs.img mnt") {
+    if !ok(
+        "truncate -s 192M fs.img && mkfs.ext4 -q -F fs.img >/dev/null 2>&1 && mount -o loop fs.img mnt",
+    ) {
         eprintln!("SKIP: cannot loop-mount an ext4 here");
         return;
     }

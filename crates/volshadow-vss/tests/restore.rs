@@ -145,10 +145,17 @@ fn a_volume_is_rolled_back_only_when_the_restore_owns_it() {
     let (vol, c, doc) = shared_volume();
     let e = restore_all(&c, doc.clone(), &["app\\db"]).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("mail") && msg.contains("nothing was changed"), "{msg}");
+    assert!(
+        msg.contains("mail") && msg.contains("nothing was changed"),
+        "{msg}"
+    );
     assert_eq!(first_byte(&vol), 0x22, "refused, yet changed");
     let done = restore_all(&c, doc, &["app\\db", "mail"]).unwrap();
-    assert!(done.components.iter().all(|c| c.restore_succeeded == Some(true)));
+    assert!(
+        done.components
+            .iter()
+            .all(|c| c.restore_succeeded == Some(true))
+    );
     assert_eq!(first_byte(&vol), 0x11);
 }
 
@@ -158,7 +165,10 @@ fn restore_methods_are_honoured_or_refused_with_nothing_changed() {
         (RestoreMethod::RestoreIfNotThere, "not there"),
         (RestoreMethod::Custom, "cannot carry out"),
         (RestoreMethod::RestoreAtReboot, "cannot carry out"),
-        (RestoreMethod::RestoreToAlternateLocation, "alternate location"),
+        (
+            RestoreMethod::RestoreToAlternateLocation,
+            "alternate location",
+        ),
     ] {
         let vol = volume();
         vol.write_at(&[0x11; 4096], 0).unwrap();

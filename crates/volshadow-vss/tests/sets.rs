@@ -6,8 +6,8 @@
 mod common;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -146,7 +146,10 @@ fn a_set_across_two_providers_is_one_instant() {
         let doc = backup(&coord, Context::NasRollback, &["a.img", "b.img"]).unwrap();
         let read = |v: &volshadow_cow::Volume, s: &SnapshotRef| {
             let mut buf = [0u8; 8];
-            v.snapshot(s.snapshot_id).unwrap().read_at(&mut buf, 0).unwrap();
+            v.snapshot(s.snapshot_id)
+                .unwrap()
+                .read_at(&mut buf, 0)
+                .unwrap();
             u64::from_le_bytes(buf)
         };
         let na = read(&a, doc.snapshot_of("a.img"));
@@ -193,7 +196,10 @@ fn the_whole_write_hold_is_bounded() {
     origin.slow.store(true, Ordering::SeqCst);
     let err = backup(&c, Context::NasRollback, &["a.img"]).unwrap_err();
     assert!(matches!(err, VssError::HoldTimedOut(_)), "{err}");
-    assert!(vol.snapshots().is_empty(), "a snapshot of the failed set remains");
+    assert!(
+        vol.snapshots().is_empty(),
+        "a snapshot of the failed set remains"
+    );
     origin.slow.store(false, Ordering::SeqCst);
     backup(&c, Context::NasRollback, &["a.img"]).unwrap();
     assert_eq!(vol.snapshots().len(), 1);
@@ -214,7 +220,11 @@ fn query_delete_and_read_through_the_coordinator() {
     let dev = c.open(snap).unwrap();
     let mut buf = vec![0u8; 4096];
     dev.read_at(&mut buf, 0).unwrap();
-    assert_eq!(buf, vec![7u8; 4096], "the snapshot's bytes, not the live volume's");
+    assert_eq!(
+        buf,
+        vec![7u8; 4096],
+        "the snapshot's bytes, not the live volume's"
+    );
     assert!(dev.write_at(&buf, 0).is_err(), "read-only");
     drop(dev);
     let gone = c.delete_set(first.set_id).unwrap();

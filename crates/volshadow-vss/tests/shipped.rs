@@ -145,7 +145,11 @@ fn a_post_snapshot_command_failure_keeps_the_set() {
     assert!(!doc.components[0].backup_succeeded);
     let st = &c.writer_status()[0];
     assert_eq!(st.state, WriterState::FailedAt(Phase::PostSnapshot));
-    assert!(st.last_error_text().contains("post-snapshot"), "{}", st.last_error_text());
+    assert!(
+        st.last_error_text().contains("post-snapshot"),
+        "{}",
+        st.last_error_text()
+    );
 }
 
 #[cfg(target_os = "linux")]
@@ -164,7 +168,10 @@ fn fsfreeze_writer_freezes_and_thaws_ext4() {
     let file = fs.mnt.join("during");
     let t = std::thread::spawn(move || std::fs::write(file, b"x").is_ok());
     std::thread::sleep(Duration::from_millis(200));
-    assert!(!t.is_finished(), "a write went through a frozen file system");
+    assert!(
+        !t.is_finished(),
+        "a write went through a frozen file system"
+    );
     w.abort(&ctx).unwrap();
     assert!(t.join().unwrap());
     let w = FsFreezeWriter::new(&fs.mnt, vec![]);
@@ -213,7 +220,10 @@ fn a_late_fifreeze_on_ext4_is_thawed() {
         // Leave the machine usable; LoopFs thaws on drop too.
         sh(&format!("fsfreeze -u {}", fs.mnt.display()));
     }
-    assert!(thawed, "the file system was left frozen after a late FIFREEZE");
+    assert!(
+        thawed,
+        "the file system was left frozen after a late FIFREEZE"
+    );
     assert!(t.join().unwrap());
 }
 
@@ -257,7 +267,11 @@ fn reflink_provider_on_xfs_or_btrfs_alongside_the_cow_provider() {
     vol.write_at(&[0x44; 4096], 0).unwrap();
     // Read both snapshots without knowing which provider made them.
     for (s, want) in doc.snapshots.iter().map(|s| {
-        let want = if s.provider_id == reflink.id() { 0x5A } else { 0x33 };
+        let want = if s.provider_id == reflink.id() {
+            0x5A
+        } else {
+            0x33
+        };
         (s, want)
     }) {
         let dev = c.open(s).unwrap();

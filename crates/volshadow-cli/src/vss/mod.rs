@@ -280,7 +280,10 @@ pub fn delete_set(volume: &Path, set: &str) -> Result<()> {
     let set_id = match sets.as_slice() {
         [one] => *one,
         [] => bail!("no shadow copy of {} is in a set {want}", volume.display()),
-        _ => bail!("{want} matches {} snapshot sets; give more of the id", sets.len()),
+        _ => bail!(
+            "{want} matches {} snapshot sets; give more of the id",
+            sets.len()
+        ),
     };
     let mut ids = Vec::new();
     for s in shadows.iter().filter(|s| s.set_id == Some(set_id)) {

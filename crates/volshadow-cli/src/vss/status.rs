@@ -20,7 +20,9 @@ pub fn recall(c: &Coordinator, file: &Path) {
     };
     match serde_json::from_str::<Vec<WriterStatus>>(&text) {
         Ok(earlier) => c.recall_writer_status(&earlier),
-        Err(e) => warn!(file = %file.display(), error = %e, "ignoring an unreadable writers' status"),
+        Err(e) => {
+            warn!(file = %file.display(), error = %e, "ignoring an unreadable writers' status")
+        }
     }
 }
 

@@ -248,7 +248,9 @@ impl BackupSession {
                 ));
             }
             (BackupType::Differential, BackupType::Incremental) => {
-                return bad("a differential builds on the last full backup, not an incremental".into());
+                return bad(
+                    "a differential builds on the last full backup, not an incremental".into(),
+                );
             }
             (BackupType::Differential, BackupType::Differential) => doc.cbt_base.clone(),
             _ => doc
@@ -338,11 +340,7 @@ impl BackupSession {
     /// one under a selectable ancestor comes only with that ancestor.
     pub fn add_component(&mut self, writer_id: Uuid, full_path: &str) -> VssResult {
         self.expect("add_component", &[BackupState::MetadataGathered])?;
-        let Some((idx, m)) = self
-            .metadata
-            .iter()
-            .find(|(_, m)| m.writer_id == writer_id)
-        else {
+        let Some((idx, m)) = self.metadata.iter().find(|(_, m)| m.writer_id == writer_id) else {
             return Err(VssError::Invalid(format!(
                 "writer {writer_id} is not taking part in this backup"
             )));
@@ -552,14 +550,11 @@ impl BackupSession {
                         .any(|s| p.starts_with(&format!("{s}\\")))
             });
             let deadline = Instant::now() + self.coord.limit_of(idx);
-            match self.coord.call(
-                idx,
-                Phase::BackupComplete,
-                deadline,
-                &ctx,
-                false,
-                |w, c| w.backup_complete(c),
-            ) {
+            match self
+                .coord
+                .call(idx, Phase::BackupComplete, deadline, &ctx, false, |w, c| {
+                    w.backup_complete(c)
+                }) {
                 Ok(()) => self.coord.set_status(idx, WriterState::Stable, None),
                 Err(e) => self.coord.set_status(
                     idx,

@@ -225,7 +225,9 @@ impl Coordinator {
     /// for documents that did not record the id).
     pub fn provider_of(&self, snapshot: &SnapshotRef) -> Option<&Arc<dyn Provider>> {
         if snapshot.provider_id.is_nil() {
-            self.providers.iter().find(|p| p.name() == snapshot.provider)
+            self.providers
+                .iter()
+                .find(|p| p.name() == snapshot.provider)
         } else {
             self.providers
                 .iter()
@@ -304,12 +306,7 @@ impl Coordinator {
         })
     }
 
-    fn set_status(
-        &self,
-        idx: usize,
-        state: WriterState,
-        error: Option<(Phase, WriterFailure)>,
-    ) {
+    fn set_status(&self, idx: usize, state: WriterState, error: Option<(Phase, WriterFailure)>) {
         let mut st = self.writers[idx]
             .status
             .lock()

@@ -152,11 +152,8 @@ impl RestoreSession {
             };
             let deadline = Instant::now() + self.coord.limit_of(idx);
             if let Err(e) = self.coord.call(idx, phase, deadline, &ctx, false, event) {
-                self.coord.set_status(
-                    idx,
-                    WriterState::FailedAt(phase),
-                    Some((phase, e.clone())),
-                );
+                self.coord
+                    .set_status(idx, WriterState::FailedAt(phase), Some((phase, e.clone())));
                 failed.push((idx, e));
             }
         }
@@ -206,8 +203,7 @@ impl RestoreSession {
                 "{full_path} is not selected for restore"
             )));
         }
-        self.alternate
-            .insert(full_path.to_string(), dir.to_owned());
+        self.alternate.insert(full_path.to_string(), dir.to_owned());
         Ok(())
     }
 
@@ -370,10 +366,12 @@ impl RestoreSession {
     }
 
     fn revert(&self, s: &SnapshotRef) -> Result<(), String> {
-        let p = self
-            .coord
-            .provider_of(s)
-            .ok_or_else(|| format!("provider {} ({}) is not available", s.provider, s.provider_id))?;
+        let p = self.coord.provider_of(s).ok_or_else(|| {
+            format!(
+                "provider {} ({}) is not available",
+                s.provider, s.provider_id
+            )
+        })?;
         p.revert(s).map_err(|e| e.0)
     }
 

@@ -74,9 +74,9 @@ impl BackupSession {
         for idx in self.active() {
             self.coord
                 .set_status(idx, WriterState::WaitingForFreeze, None);
-            if let Err(e) =
-                self.call_writer(idx, Phase::PrepareSnapshot, |w, c| w.prepare_for_snapshot(c))
-            {
+            if let Err(e) = self.call_writer(idx, Phase::PrepareSnapshot, |w, c| {
+                w.prepare_for_snapshot(c)
+            }) {
                 self.veto(idx, Phase::PrepareSnapshot, e);
             }
         }
@@ -192,7 +192,10 @@ impl BackupSession {
             hold_exceeded,
         } = commits;
         if hold_exceeded {
-            warn!(?hold, "writes were held too long; aborting the snapshot set");
+            warn!(
+                ?hold,
+                "writes were held too long; aborting the snapshot set"
+            );
             self.abort_all(&made);
             return VssError::HoldTimedOut(hold);
         }
