@@ -4,10 +4,10 @@
 //! A call runs on its own thread. At its deadline the coordinator stops
 //! waiting and reports a timeout naming the writer; the call is fenced:
 //! the writer gets no other call (no abort running beside a freeze) until
-//! it returns, and a late freeze that succeeded is undone with `abort`
-//! then, so nothing is left frozen with nobody to thaw it.
+//! it returns. Then a late freeze that succeeded is undone with `abort`,
+//! and an abort sent meanwhile is delivered, so nothing is left frozen
+//! with nobody to thaw it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,32 @@ use super::Coordinator;
 
 /// One writer event: what the writer is asked.
 pub(super) type Event = fn(&dyn Writer, &EventContext) -> WriterResult;
+
+/// A writer's call that overran its limit.
+#[derive(Debug, Default)]
+pub(super) struct Late {
+    /// The call is still running.
+    running: bool,
+    /// An abort was sent while it ran: delivered when it returns.
+    abort_owed: bool,
+}
+
+/// Runs once a late call has returned: the undo and the aborts owed,
+/// then the writer is free again.
+fn settle_late(writer: &dyn Writer, ctx: &EventContext, late: &Mutex<Late>, mut undo: bool) {
+    loop {
+        {
+            let mut l = late.lock().unwrap_or_else(PoisonError::into_inner);
+            if !undo && !l.abort_owed {
+                l.running = false;
+                return;
+            }
+            l.abort_owed = false;
+        }
+        undo = false;
+        let _ = writer.abort(ctx);
+    }
+}
 
 enum CallState {
     Running,
@@ -37,7 +63,11 @@ impl Coordinator {
     /// True while a call of writer `idx` that overran its limit is still
     /// running.
     pub(super) fn is_late(&self, idx: usize) -> bool {
-        self.writers[idx].late.load(Ordering::Acquire)
+        self.writers[idx]
+            .late
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .running
     }
 
     /// Waits (at most `limit`) for writer calls that overran their limit
@@ -70,17 +100,26 @@ impl Coordinator {
         event: Event,
     ) -> WriterResult {
         let slot = &self.writers[idx];
-        if slot.late.load(Ordering::Acquire) {
-            return Err(WriterFailure::new(
-                FailureKind::Timeout,
-                format!("not called for {phase}: a call that overran its limit is still running"),
-            ));
+        {
+            let mut late = slot.late.lock().unwrap_or_else(PoisonError::into_inner);
+            if late.running {
+                if phase == Phase::Abort {
+                    late.abort_owed = true;
+                    return Ok(());
+                }
+                return Err(WriterFailure::new(
+                    FailureKind::Timeout,
+                    format!(
+                        "not called for {phase}: a call that overran its limit is still running"
+                    ),
+                ));
+            }
         }
         let limit = self.limit_of(idx);
         let shared = Arc::new((Mutex::new(CallState::Running), Condvar::new()));
         let theirs = shared.clone();
         let writer = slot.writer.clone();
-        let late: Arc<AtomicBool> = slot.late.clone();
+        let late = slot.late.clone();
         let ctx_theirs = ctx.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("writer {phase}"))
@@ -90,10 +129,7 @@ impl Coordinator {
                 let mut st = lock.lock().unwrap_or_else(PoisonError::into_inner);
                 if matches!(*st, CallState::Abandoned) {
                     drop(st);
-                    if undo && result.is_ok() {
-                        let _ = writer.abort(&ctx_theirs);
-                    }
-                    late.store(false, Ordering::Release);
+                    settle_late(&*writer, &ctx_theirs, &late, undo && result.is_ok());
                 } else {
                     *st = CallState::Done(result);
                     changed.notify_all();
@@ -115,7 +151,10 @@ impl Coordinator {
             let now = Instant::now();
             if now >= deadline {
                 *st = CallState::Abandoned;
-                slot.late.store(true, Ordering::Release);
+                slot.late
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .running = true;
                 return Err(WriterFailure::new(
                     FailureKind::Timeout,
                     format!("{phase} did not return within the writer's limit of {limit:?}"),

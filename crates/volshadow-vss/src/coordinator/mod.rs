@@ -64,8 +64,8 @@ impl Default for Timeouts {
 struct WriterSlot {
     writer: Arc<dyn Writer>,
     status: Mutex<WriterStatus>,
-    /// A call that overran its limit is still running (see `call.rs`).
-    late: Arc<AtomicBool>,
+    /// A call that overran its limit (see `call.rs`).
+    late: Arc<Mutex<call::Late>>,
 }
 
 /// How long dropping a coordinator waits for late writer calls.
