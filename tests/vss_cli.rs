@@ -289,3 +289,89 @@ fn a_late_fifreeze_leaves_nothing_frozen() {
         stderr(&out)
     );
 }
+
+/// argv running `script` in the platform's shell.
+fn shell(script: &str) -> String {
+    if cfg!(windows) {
+        format!("[\"cmd\", \"/c\", {script:?}]")
+    } else {
+        format!("[\"sh\", \"-c\", {script:?}]")
+    }
+}
+
+/// A backup and a restore of a file image with command writers, in the
+/// platform's own shell (run under Wine in CI as well).
+#[test]
+fn backup_and_restore_with_command_writers_in_the_platform_shell() {
+    let dir = volume("4M");
+    let d = dir.path();
+    write_file(d, "data.bin", &[0x5Au8; 65536]);
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "data.bin",
+        ],
+    );
+    let (frozen, thawed, restored) = if cfg!(windows) {
+        (
+            "echo frozen %VOLSHADOW_SET_ID%>>events.log",
+            "echo thawed>>events.log",
+            "echo restored %VOLSHADOW_COMPONENTS%>>events.log",
+        )
+    } else {
+        (
+            "echo frozen $VOLSHADOW_SET_ID >> events.log",
+            "echo thawed >> events.log",
+            "echo restored $VOLSHADOW_COMPONENTS >> events.log",
+        )
+    };
+    config(
+        d,
+        "b.toml",
+        "context = \"app-rollback\"",
+        &format!(
+            "[[writer]]\nname = \"app\"\nkind = \"command\"\nfreeze = {}\nthaw = {}\npost-restore = {}\n[[writer.component]]\nname = \"db\"\n",
+            shell(frozen),
+            shell(thawed),
+            shell(restored)
+        ),
+    );
+    vs(d, &["backup", "--config", "b.toml"]);
+    let set = doc(d)["set_id"].as_str().unwrap().to_string();
+    write_file(d, "zero.bin", &[0u8; 65536]);
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "zero.bin",
+        ],
+    );
+    let out = vs(
+        d,
+        &["restore", "--config", "b.toml", "--document", "backup.json"],
+    );
+    assert!(out.contains("db: restored"), "{out}");
+    let back = vs_raw(
+        d,
+        &[
+            "read", "--for", "disk.img", "--offset", "0", "--length", "65536",
+        ],
+    )
+    .stdout;
+    assert!(
+        back == vec![0x5Au8; 65536],
+        "the restore did not bring the bytes back"
+    );
+    let events: Vec<String> = std::fs::read_to_string(d.join("events.log"))
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
+    assert_eq!(
+        events,
+        [
+            format!("frozen {set}"),
+            "thawed".into(),
+            "restored db".into()
+        ]
+    );
+}
