@@ -21,6 +21,7 @@ fn config(d: &Path, name: &str, backup: &str, writers: &str) {
     .unwrap();
 }
 
+#[cfg(unix)]
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use volshadow_block::BlockDevice;
 use volshadow_vss::*;
 
 /// argv running `script` in the platform's shell.
@@ -230,6 +229,7 @@ fn a_late_fifreeze_on_ext4_is_thawed() {
 #[cfg(target_os = "linux")]
 #[test]
 fn reflink_provider_on_xfs_or_btrfs_alongside_the_cow_provider() {
+    use volshadow_block::BlockDevice;
     let (mkfs, tool) = if root_with(&["mkfs.xfs", "losetup", "mount"]) {
         ("mkfs.xfs -q -f -m reflink=1", "xfs")
     } else if root_with(&["mkfs.btrfs", "losetup", "mount"]) {
