@@ -289,9 +289,9 @@ pub trait Writer: Send + Sync {
     fn freeze_level(&self) -> FreezeLevel {
         FreezeLevel::Back
     }
-    /// This writer's own limit for each call and from freeze to thaw (VSS:
-    /// the freeze timeout a writer gives at initialization); `None`: the
-    /// coordinator's.
+    /// This writer's own limit from freeze to thaw, its freeze and thaw
+    /// calls included (VSS: the freeze timeout a writer gives at
+    /// initialization); `None`: the coordinator's.
     fn timeout(&self) -> Option<Duration> {
         None
     }

@@ -16,7 +16,7 @@
 //! kind = "command"            # command | fsfreeze
 //! freeze = ["sh", "-c", "..."]
 //! thaw = ["sh", "-c", "..."]
-//! timeout = "30s"             # this writer's own limit: each event, and freeze to thaw
+//! timeout = "30s"             # this writer's own limit: each command, and freeze to thaw
 //! [[writer.component]]
 //! name = "db"
 //! paths = ["/srv/db"]
@@ -247,6 +247,12 @@ impl Loaded {
         }
         let mut c = with_providers(cow);
         for w in self.writers()? {
+            // Events outside the freeze window wait as long as the most
+            // patient writer's commands may run (a command is killed at
+            // its writer's timeout).
+            if let Some(t) = w.timeout() {
+                c.timeouts.event = c.timeouts.event.max(t);
+            }
             c.add_writer(w);
         }
         c.timeouts.freeze = self.freeze_timeout()?;

@@ -480,10 +480,11 @@ impl BackupSession {
         }
     }
 
-    /// Calls writer `idx` for `phase` within its own limit.
+    /// Calls writer `idx` for `phase` (an event outside the freeze
+    /// window), within the coordinator's event limit.
     pub(super) fn call_writer(&self, idx: usize, phase: Phase, event: Event) -> WriterResult {
         let ctx = self.event_for(idx);
-        let deadline = Instant::now() + self.coord.limit_of(idx);
+        let deadline = Instant::now() + self.coord.timeouts.event;
         self.coord.call(idx, phase, deadline, &ctx, false, event)
     }
 
@@ -549,7 +550,7 @@ impl BackupSession {
                         .iter()
                         .any(|s| p.starts_with(&format!("{s}\\")))
             });
-            let deadline = Instant::now() + self.coord.limit_of(idx);
+            let deadline = Instant::now() + self.coord.timeouts.event;
             match self
                 .coord
                 .call(idx, Phase::BackupComplete, deadline, &ctx, false, |w, c| {

@@ -52,8 +52,8 @@ enum CallState {
 }
 
 impl Coordinator {
-    /// The limit of each call of writer `idx`, and of its freeze window.
-    pub(super) fn limit_of(&self, idx: usize) -> Duration {
+    /// Writer `idx`'s freeze window: its own limit, or the coordinator's.
+    pub(super) fn window_of(&self, idx: usize) -> Duration {
         self.writers[idx]
             .writer
             .timeout()
@@ -115,7 +115,7 @@ impl Coordinator {
                 ));
             }
         }
-        let limit = self.limit_of(idx);
+        let limit = deadline.saturating_duration_since(Instant::now());
         let shared = Arc::new((Mutex::new(CallState::Running), Condvar::new()));
         let theirs = shared.clone();
         let writer = slot.writer.clone();
@@ -157,7 +157,7 @@ impl Coordinator {
                     .running = true;
                 return Err(WriterFailure::new(
                     FailureKind::Timeout,
-                    format!("{phase} did not return within the writer's limit of {limit:?}"),
+                    format!("{phase} did not return within {limit:?}"),
                 ));
             }
             st = changed

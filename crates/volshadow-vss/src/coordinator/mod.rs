@@ -44,9 +44,13 @@ impl Default for Limits {
 /// VSS's timeouts, configurable.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
-    /// Each writer call, and freeze to thaw, for writers that do not give
-    /// their own limit (VSS: 60 s).
+    /// Freeze to thaw, for writers that do not give their own limit
+    /// ([`crate::Writer::timeout`]; VSS: 60 s).
     pub freeze: Duration,
+    /// Each writer event outside the freeze window (prepare, post-snapshot,
+    /// complete, abort, shutdown, restore events): no event can hang a
+    /// session.
+    pub event: Duration,
     /// Writes held on the volumes, from the hold to its release, across
     /// all providers of the set (VSS: 10 s).
     pub hold: Duration,
@@ -56,6 +60,7 @@ impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
             freeze: Duration::from_secs(60),
+            event: Duration::from_secs(60),
             hold: volshadow_cow::DEFAULT_HOLD_TIMEOUT,
         }
     }

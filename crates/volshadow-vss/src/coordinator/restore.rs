@@ -150,7 +150,7 @@ impl RestoreSession {
                 context: self.document.context,
                 components,
             };
-            let deadline = Instant::now() + self.coord.limit_of(idx);
+            let deadline = Instant::now() + self.coord.timeouts.event;
             if let Err(e) = self.coord.call(idx, phase, deadline, &ctx, false, event) {
                 self.coord
                     .set_status(idx, WriterState::FailedAt(phase), Some((phase, e.clone())));

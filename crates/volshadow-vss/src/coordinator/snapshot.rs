@@ -96,7 +96,7 @@ impl BackupSession {
         order.sort_by_key(|&i| self.coord.writers[i].writer.freeze_level());
         let mut windows: Vec<(usize, Instant)> = Vec::new();
         for &idx in &order {
-            let deadline = Instant::now() + self.coord.limit_of(idx);
+            let deadline = Instant::now() + self.coord.window_of(idx);
             windows.push((idx, deadline));
             let ctx = self.event_for(idx);
             if let Err(e) = self
@@ -154,7 +154,7 @@ impl BackupSession {
                 FailureKind::Timeout,
                 format!(
                     "frozen longer than the writer's limit of {:?}",
-                    self.coord.limit_of(idx)
+                    self.coord.window_of(idx)
                 ),
             );
             return Err(self.abort_with(idx, Phase::Freeze, e, &made));

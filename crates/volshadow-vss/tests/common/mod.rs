@@ -169,6 +169,7 @@ pub fn coordinator(writers: Vec<Arc<dyn Writer>>, vols: &[(&str, &Volume)]) -> A
         c.add_writer(w);
     }
     c.timeouts.freeze = Duration::from_millis(500);
+    c.timeouts.event = Duration::from_secs(1);
     Arc::new(c)
 }
 
