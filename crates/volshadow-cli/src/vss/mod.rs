@@ -262,7 +262,7 @@ pub fn list_providers(json: bool) -> Result<()> {
 /// (id or unique prefix) on the volume.
 pub fn delete_set(volume: &Path, set: &str) -> Result<()> {
     use crate::ops::{Reply, Request, Which};
-    let (reply, _) = crate::dispatch::on_volume(volume, &Request::ListShadows, &[])?;
+    let (reply, _) = crate::session::on_volume(volume, &Request::ListShadows, &[])?;
     let Reply::Shadows { shadows } = reply else {
         bail!("unexpected reply listing shadow copies");
     };
@@ -287,7 +287,7 @@ pub fn delete_set(volume: &Path, set: &str) -> Result<()> {
     };
     let mut ids = Vec::new();
     for s in shadows.iter().filter(|s| s.set_id == Some(set_id)) {
-        let (reply, _) = crate::dispatch::on_volume(
+        let (reply, _) = crate::session::on_volume(
             volume,
             &Request::DeleteShadows {
                 which: Which::Id(s.id.to_string()),
