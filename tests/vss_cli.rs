@@ -376,3 +376,72 @@ fn backup_and_restore_with_command_writers_in_the_platform_shell() {
         ]
     );
 }
+
+/// A component restored to an alternate location: its volume's snapshot
+/// lands in the directory as an image file; the volume is not touched.
+#[test]
+fn restore_to_an_alternate_location() {
+    let dir = volume("4M");
+    let d = dir.path();
+    write_file(d, "data.bin", &[0x42u8; 65536]);
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "data.bin",
+        ],
+    );
+    config(
+        d,
+        "b.toml",
+        "context = \"app-rollback\"",
+        "[[writer]]\nname = \"app\"\nkind = \"command\"\n[[writer.component]]\nname = \"db\"\n",
+    );
+    vs(d, &["backup", "--config", "b.toml"]);
+    write_file(d, "zero.bin", &[0u8; 65536]);
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "zero.bin",
+        ],
+    );
+    std::fs::create_dir(d.join("out")).unwrap();
+    let out = vs(
+        d,
+        &[
+            "restore",
+            "--config",
+            "b.toml",
+            "--document",
+            "backup.json",
+            "--alternate",
+            "db=out",
+        ],
+    );
+    assert!(out.contains("db: restored"), "{out}");
+    let copy = std::fs::read(d.join("out").join("disk.img")).unwrap();
+    assert_eq!(copy.len(), 4 << 20);
+    assert!(copy[..65536].iter().all(|&b| b == 0x42));
+    let live = vs_raw(
+        d,
+        &[
+            "read", "--for", "disk.img", "--offset", "0", "--length", "65536",
+        ],
+    )
+    .stdout;
+    assert!(live == vec![0u8; 65536], "the volume was rolled back too");
+    // A second time the image is there: refused, nothing written.
+    let again = vs_raw(
+        d,
+        &[
+            "restore",
+            "--config",
+            "b.toml",
+            "--document",
+            "backup.json",
+            "--alternate",
+            "db=out",
+        ],
+    );
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+}

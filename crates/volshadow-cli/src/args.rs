@@ -227,6 +227,10 @@ pub(crate) enum Command {
         /// Only these components (`logical_path\name`); default all.
         #[arg(long)]
         component: Vec<String>,
+        /// Restore a component into a directory instead of over its
+        /// volumes (one image file per volume), as `COMPONENT=DIR`.
+        #[arg(long, value_name = "COMPONENT=DIR")]
+        alternate: Vec<String>,
     },
     /// Time an I/O loop on the volume (or the bare file), like `qemu-img bench`.
     Bench {

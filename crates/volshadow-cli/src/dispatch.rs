@@ -176,6 +176,7 @@ pub(crate) fn run(cmd: Command) -> Result<()> {
             config,
             document,
             component,
-        } => vss::restore(&config, &document, &component),
+            alternate,
+        } => vss::restore(&config, &document, &component, &alternate),
     }
 }

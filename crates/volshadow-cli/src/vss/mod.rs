@@ -168,8 +168,14 @@ fn select(s: &mut BackupSession, meta: &[WriterMetadata], chosen: Option<&[Strin
     Ok(())
 }
 
-/// Restores every component of the document (or the named ones).
-pub fn restore(config: &Path, document: &Path, components: &[String]) -> Result<()> {
+/// Restores every component of the document (or the named ones), each
+/// over its volumes or into its alternate location (`COMPONENT=DIR`).
+pub fn restore(
+    config: &Path,
+    document: &Path,
+    components: &[String],
+    alternate: &[String],
+) -> Result<()> {
     let l = load(config)?;
     let text = std::fs::read_to_string(document)
         .with_context(|| format!("reading {}", document.display()))?;
@@ -185,11 +191,25 @@ pub fn restore(config: &Path, document: &Path, components: &[String]) -> Result<
     if selected.is_empty() {
         bail!("the backup has no components to restore");
     }
+    let mut alternates = Vec::new();
+    for a in alternate {
+        let Some((comp, dir)) = a.split_once('=') else {
+            bail!("--alternate {a:?}: give COMPONENT=DIR");
+        };
+        let dir = Path::new(dir);
+        if !dir.is_dir() {
+            bail!("--alternate {a:?}: {} is not a directory", dir.display());
+        }
+        alternates.push((comp.to_string(), dir.to_path_buf()));
+    }
     let result = (|| -> Result<BackupDocument> {
         let mut r = c.restore(doc)?;
         r.gather_writer_metadata()?;
         for comp in &selected {
             r.select_for_restore(comp)?;
+        }
+        for (comp, dir) in &alternates {
+            r.set_alternate_location(comp, dir)?;
         }
         r.pre_restore()?;
         r.restore()?;
