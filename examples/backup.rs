@@ -16,8 +16,8 @@ use uuid::Uuid;
 use volshadow::block::{BlockDevice, FileImage};
 use volshadow::cow::{Volume, VolumeOptions};
 use volshadow::vss::{
-    BackupDocument, BackupType, Component, Context, Coordinator, CowProvider, FailureKind,
-    RestoreMethod, UsageType, Writer, WriterFailure, WriterMetadata, WriterResult,
+    BackupDocument, BackupType, Component, Context, Coordinator, CowProvider, EventContext,
+    FailureKind, RestoreMethod, UsageType, Writer, WriterFailure, WriterMetadata, WriterResult,
 };
 
 /// Bytes per record in the application's log.
@@ -82,7 +82,7 @@ impl Writer for RecordLog {
         })
     }
 
-    fn freeze(&self) -> WriterResult {
+    fn freeze(&self, _event: &EventContext) -> WriterResult {
         // Stop taking records, then put every one taken on the volume:
         // the snapshot sees a log with nothing half written.
         self.frozen.store(true, Ordering::Release);
@@ -90,7 +90,13 @@ impl Writer for RecordLog {
             .map_err(|e| WriterFailure::new(FailureKind::Retryable, e.to_string()))
     }
 
-    fn thaw(&self) -> WriterResult {
+    fn thaw(&self, _event: &EventContext) -> WriterResult {
+        self.frozen.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// An aborted set gets `abort` alone, no `thaw`: take records again.
+    fn abort(&self, _event: &EventContext) -> WriterResult {
         self.frozen.store(false, Ordering::Release);
         Ok(())
     }
