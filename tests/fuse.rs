@@ -363,8 +363,46 @@ fn a_busy_mounted_file_system_is_copied_frozen_and_exposed_intact() {
     let dir = volume("128M");
     let d = dir.path();
     let m = Mount::start(d, "disk.img", "m");
-    copy_a_busy_file_system(d, &m.dir.join("live"));
+    copy_a_busy_file_system(d, &m.dir.join("live"), Fs::Ext4);
     drop(m);
+}
+
+/// The same with XFS (its copy mounts beside the live one: same UUID).
+#[test]
+fn a_busy_xfs_is_copied_frozen_and_exposed_intact() {
+    if !can_mount(&FS_TOOLS) || !can_mount(&["mkfs.xfs", "xfs_repair"]) {
+        return;
+    }
+    // XFS wants at least 300 MiB.
+    let dir = volume("320M");
+    let d = dir.path();
+    let m = Mount::start(d, "disk.img", "m");
+    copy_a_busy_file_system(d, &m.dir.join("live"), Fs::Xfs);
+    drop(m);
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fs {
+    Ext4,
+    Xfs,
+}
+
+impl Fs {
+    fn mkfs(self, dev: &str) {
+        match self {
+            Fs::Ext4 => run("mkfs.ext4", &["-q", dev]),
+            Fs::Xfs => run("mkfs.xfs", &["-q", "-f", dev]),
+        };
+    }
+
+    /// A read-only check of the file system on `dev`.
+    fn check(self, dev: &str) -> std::process::Output {
+        let (tool, args): (&str, &[&str]) = match self {
+            Fs::Ext4 => ("fsck.ext4", &["-n", "-f"]),
+            Fs::Xfs => ("xfs_repair", &["-n"]),
+        };
+        Command::new(tool).args(args).arg(dev).output().unwrap()
+    }
 }
 
 /// The same with the volume served over NBD and made a file by nbdfuse
@@ -391,7 +429,7 @@ fn the_same_through_serve_and_nbdfuse() {
         assert!(Instant::now() < deadline, "nbdfuse did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    copy_a_busy_file_system(d, &file);
+    copy_a_busy_file_system(d, &file, Fs::Ext4);
     let _ = Command::new("fusermount3").arg("-u").arg(&n).status();
     let _ = fuse.wait();
     drop(server);
@@ -399,7 +437,7 @@ fn the_same_through_serve_and_nbdfuse() {
 
 /// mkfs on `live` (through a loop device), writers appending, a frozen
 /// shadow copy of disk.img, exposed (mounted and as a device) and checked.
-fn copy_a_busy_file_system(d: &Path, live: &Path) {
+fn copy_a_busy_file_system(d: &Path, live: &Path, kind: Fs) {
     let loop_dev =
         String::from_utf8(run("losetup", &["--find", "--show", live.to_str().unwrap()]).stdout)
             .unwrap()
@@ -411,7 +449,7 @@ fn copy_a_busy_file_system(d: &Path, live: &Path) {
         fs: fs.clone(),
         loop_dev: loop_dev.clone(),
     };
-    run("mkfs.ext4", &["-q", &loop_dev]);
+    kind.mkfs(&loop_dev);
     run("mount", &[&loop_dev, fs.to_str().unwrap()]);
 
     let writers = Appender::start(&fs);
@@ -474,10 +512,36 @@ fn copy_a_busy_file_system(d: &Path, live: &Path) {
     );
     let json = json(d, &["list", "shadows", "--for", "disk.img", "--json"]);
     let dev = json["shadows"][0]["exposed"].as_str().unwrap().to_string();
-    let fsck = Command::new("fsck.ext4")
-        .args(["-n", "-f", &dev])
-        .output()
-        .unwrap();
+    let fsck = match kind {
+        Fs::Ext4 => kind.check(&dev),
+        // XFS keeps its log dirty across a freeze: check a writable copy
+        // of the shadow copy after its log is replayed by a mount.
+        Fs::Xfs => {
+            vs(
+                d,
+                &[
+                    "export", "--for", "disk.img", "--shadow", &id, "--output", "copy.raw",
+                ],
+            );
+            let copy = String::from_utf8(
+                run(
+                    "losetup",
+                    &["--find", "--show", d.join("copy.raw").to_str().unwrap()],
+                )
+                .stdout,
+            )
+            .unwrap()
+            .trim()
+            .to_string();
+            let replay = d.join("replay");
+            std::fs::create_dir(&replay).unwrap();
+            run("mount", &["-o", "nouuid", &copy, replay.to_str().unwrap()]);
+            run("umount", &[replay.to_str().unwrap()]);
+            let out = kind.check(&copy);
+            run("losetup", &["-d", &copy]);
+            out
+        }
+    };
     assert!(
         fsck.status.success(),
         "fsck of the shadow copy: {}{}",
@@ -492,10 +556,7 @@ fn copy_a_busy_file_system(d: &Path, live: &Path) {
         records_in(&std::fs::read(fs.join(format!("log{f}"))).unwrap(), f);
     }
     run("umount", &[fs.to_str().unwrap()]);
-    let fsck = Command::new("fsck.ext4")
-        .args(["-n", "-f", &loop_dev])
-        .output()
-        .unwrap();
+    let fsck = kind.check(&loop_dev);
     assert!(
         fsck.status.success(),
         "fsck of the live file system: {}",

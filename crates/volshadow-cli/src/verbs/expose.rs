@@ -224,7 +224,10 @@ pub(crate) fn expose(img: &Path, shadow: &str, dir: Option<&Path>) -> Result<()>
         let dev = device.as_os_str();
         let fs_type = run(
             "blkid",
+            // -p: probe the device itself, not blkid's cache (a loop
+            // device's name is reused for other contents).
             &[
+                "-p".as_ref(),
                 "-o".as_ref(),
                 "value".as_ref(),
                 "-s".as_ref(),
@@ -238,7 +241,8 @@ pub(crate) fn expose(img: &Path, shadow: &str, dir: Option<&Path>) -> Result<()>
         // A read-only device cannot replay a journal: mount without it.
         let options = match fs_type.as_str() {
             "ext3" | "ext4" => "ro,noload",
-            "xfs" => "ro,norecovery",
+            // The copy has the live file system's UUID, which may be mounted.
+            "xfs" => "ro,norecovery,nouuid",
             _ => "ro",
         };
         run(
