@@ -712,3 +712,44 @@ fn a_hostile_set_member_conversation_is_refused_and_releases_writes() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// A device named as the output is written, never removed (a read cut
+/// short removes only a regular file it made).
+#[cfg(unix)]
+#[test]
+fn a_device_as_output_is_written_and_never_removed() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = volume("4M");
+    let d = dir.path();
+    vs(
+        d,
+        &[
+            "read",
+            "--for",
+            "disk.img",
+            "--offset",
+            "0",
+            "--length",
+            "1M",
+            "--output",
+            "/dev/null",
+        ],
+    );
+    let out = vs_raw(
+        d,
+        &[
+            "read",
+            "--for",
+            "disk.img",
+            "--offset",
+            "3M",
+            "--length",
+            "2M",
+            "--output",
+            "/dev/null",
+        ],
+    );
+    assert!(!out.status.success(), "past the end");
+    let m = std::fs::symlink_metadata("/dev/null").unwrap();
+    assert!(m.file_type().is_char_device(), "/dev/null is still there");
+}

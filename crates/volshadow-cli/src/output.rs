@@ -48,3 +48,21 @@ pub(crate) fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     bar.set_message(what.to_string());
     bar
 }
+
+/// Removes an output a command left cut short, if it is a regular file:
+/// never a device, a pipe or anything else named as the output
+/// (`/dev/null` included). Says whether it did.
+pub(crate) fn remove_partial(p: &std::path::Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file()) && std::fs::remove_file(p).is_ok()
+}
+
+/// Syncs an output; devices and pipes that cannot be synced are fine.
+pub(crate) fn sync_output(f: &std::fs::File) -> std::io::Result<()> {
+    match f.sync_all() {
+        Err(e) if f.metadata().is_ok_and(|m| !m.is_file()) => {
+            tracing::debug!(error = %e, "output cannot be synced");
+            Ok(())
+        }
+        other => other,
+    }
+}

@@ -60,15 +60,20 @@ pub(crate) fn read(
             let done = session
                 .read_to(shadow, offset, length, &mut w)
                 .and_then(|()| {
-                    Ok(w.into_inner()
-                        .map_err(std::io::IntoInnerError::into_error)?
-                        .sync_all()?)
+                    Ok(crate::output::sync_output(
+                        &w.into_inner()
+                            .map_err(std::io::IntoInnerError::into_error)?,
+                    )?)
                 });
             if let Err(e) = done {
                 // A cut-short file could pass for the data (a damaged chunk
                 // fails a read part way): leave none.
-                let _ = std::fs::remove_file(p);
-                return Err(e.context(format!("reading into {} (removed)", p.display())));
+                let removed = crate::output::remove_partial(p);
+                return Err(e.context(format!(
+                    "reading into {}{}",
+                    p.display(),
+                    if removed { " (removed)" } else { "" }
+                )));
             }
         }
         None => session.read_to(shadow, offset, length, &mut std::io::stdout().lock())?,

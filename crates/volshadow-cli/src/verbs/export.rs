@@ -96,15 +96,19 @@ pub(crate) fn export(
                 bar.inc(n as u64);
             }
         }
-        Ok(out.sync_all()?)
+        Ok(crate::output::sync_output(&out)?)
     })();
     if let Err(e) = copied {
         bar.finish_and_clear();
         if since.is_none() {
             // A full export cut short (a damaged chunk, a full disk) could
             // pass for the shadow copy: leave none.
-            let _ = std::fs::remove_file(output);
-            return Err(e.context(format!("exporting to {} (removed)", output.display())));
+            let removed = crate::output::remove_partial(output);
+            return Err(e.context(format!(
+                "exporting to {}{}",
+                output.display(),
+                if removed { " (removed)" } else { "" }
+            )));
         }
         return Err(e.context(format!(
             "exporting to {}: the incremental export stopped part way; the file is not a consistent image",
