@@ -348,7 +348,7 @@ impl SetMember for LocalMember<'_> {
         let pending = pending.map(|m| (options.set_id.unwrap_or_default(), m));
         self.volume
             .inner
-            .create_held(self.held()?, options, pending)
+            .create_held(self.held()?, options, pending, None)
     }
 
     fn commit(&mut self, seq: u64) -> Result<()> {

@@ -31,6 +31,29 @@ fn snapshot_keeps_old_bytes_and_survives_reopen() {
 }
 
 #[test]
+fn snapshot_with_a_given_id_keeps_it_and_refuses_a_duplicate() {
+    let mut r = Rig::small();
+    let id = uuid::Uuid::from_u128(0x1234_5678_9abc_def0_1122_3344_5566_7788);
+    fill(&r.vol, 0, 8192, 7);
+    let s = r.vol.create_snapshot_with_id(persistent(), id).unwrap();
+    assert_eq!(s.id, id);
+    assert!(matches!(
+        r.vol.create_snapshot_with_id(persistent(), id),
+        Err(Error::InvalidOptions(_))
+    ));
+    assert_eq!(r.vol.snapshots().len(), 1);
+    fill(&r.vol, 0, 8192, 8);
+    r.vol.flush().unwrap();
+    r.reopen();
+    assert_eq!(r.vol.snapshots(), vec![s]);
+    assert!(
+        read(&r.vol.snapshot(id).unwrap(), 0, 8192)
+            .iter()
+            .all(|&b| b == 7)
+    );
+}
+
+#[test]
 fn non_persistent_snapshots_are_dropped_at_recovery() {
     let mut r = Rig::small();
     let p = r.vol.create_snapshot(persistent()).unwrap();

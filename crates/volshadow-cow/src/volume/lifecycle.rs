@@ -49,7 +49,20 @@ impl Volume {
     /// ```
     pub fn create_snapshot(&self, options: SnapshotOptions) -> Result<SnapshotInfo> {
         let closed = self.inner.gate.close(DEFAULT_HOLD)?;
-        self.inner.create_held(&closed, &options, None)
+        self.inner.create_held(&closed, &options, None, None)
+    }
+
+    /// [`create_snapshot`](Self::create_snapshot) under a given id instead
+    /// of a new random one: a replica's copy of another volume's snapshot
+    /// keeps the source's id, so the two can be matched. Refused when a
+    /// live snapshot of this volume already has that id.
+    pub fn create_snapshot_with_id(
+        &self,
+        options: SnapshotOptions,
+        id: Uuid,
+    ) -> Result<SnapshotInfo> {
+        let closed = self.inner.gate.close(DEFAULT_HOLD)?;
+        self.inner.create_held(&closed, &options, None, Some(id))
     }
 
     /// Live snapshots, oldest first.
@@ -331,6 +344,7 @@ impl Inner {
         _closed: &Closed<'_>,
         options: &SnapshotOptions,
         pending: Option<(Uuid, &[(Uuid, String)])>,
+        id: Option<Uuid>,
     ) -> Result<SnapshotInfo> {
         self.check_ok()?;
         // A persistent snapshot's contents include writes still in the
@@ -347,12 +361,19 @@ impl Inner {
         if options.persistent {
             attrs |= attributes::PERSISTENT | attributes::NO_AUTO_RELEASE;
         }
+        if let Some(id) = id
+            && st.find_any(id).is_ok()
+        {
+            return Err(Error::InvalidOptions(format!(
+                "a snapshot with id {id} already exists"
+            )));
+        }
         if options.persistent && st.unjournaled {
             st.compact().map_err(|e| self.fail(e))?;
         }
         let rec = SnapshotRecord {
             seq: st.next_seq,
-            id: *Uuid::new_v4().as_bytes(),
+            id: *id.unwrap_or_else(Uuid::new_v4).as_bytes(),
             set_id: options.set_id.map(|u| *u.as_bytes()),
             created_ns: now_ns(),
             attributes: attrs,
