@@ -1,0 +1,13 @@
+//! Replication of volshadow shadow copies off the machine: a
+//! self-describing, checksummed send stream (full or incremental), its
+//! crash-safe apply onto a replica volume, and a content-addressed
+//! object-store target.
+#![forbid(unsafe_code)]
+
+pub mod apply;
+mod error;
+pub mod stream;
+
+pub use apply::{Apply, Pending, Settled};
+pub use error::{Error, Result};
+pub use stream::{Header, Kind, Record, StreamReader, StreamWriter};
