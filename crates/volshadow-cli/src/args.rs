@@ -128,6 +128,56 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Send a shadow copy (or what changed since an older one) as a
+    /// checksummed stream, to a file, standard output or object storage.
+    Send {
+        /// The volume's image.
+        #[arg(long = "for", value_name = "IMG")]
+        volume: PathBuf,
+        /// The shadow copy to send (id or unique prefix).
+        #[arg(long)]
+        shadow: String,
+        /// Only what changed since this older shadow copy (an incremental
+        /// stream; the replica must have it as its newest).
+        #[arg(long)]
+        since: Option<String>,
+        /// Write the stream to this file (`-` or none: standard output).
+        /// Never one of a volume's own files.
+        #[arg(long, conflicts_with = "to")]
+        output: Option<PathBuf>,
+        /// Upload to object storage instead: `s3://bucket/prefix`
+        /// (endpoint and credentials from the AWS_* environment variables).
+        #[arg(long, value_name = "URL")]
+        to: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply a stream from `send` to a replica: a full stream creates it,
+    /// an incremental one applies on the shadow copy it was made from.
+    Receive {
+        /// The replica's image (created by a full stream).
+        #[arg(long = "for", value_name = "IMG")]
+        volume: PathBuf,
+        /// Read the stream from this file (`-` or none: standard input).
+        #[arg(long, conflicts_with = "from")]
+        input: Option<PathBuf>,
+        /// Restore from object storage instead: `s3://bucket/prefix`.
+        #[arg(long, value_name = "URL", requires = "shadow")]
+        from: Option<String>,
+        /// With --from: the shadow copy to restore (id or unique prefix).
+        #[arg(long)]
+        shadow: Option<String>,
+        /// A new replica's shadow storage (default: IMG.diff).
+        #[arg(long = "on", value_name = "DIFF")]
+        diff: Option<PathBuf>,
+        /// A new replica's most shadow storage (default: the volume's size).
+        #[arg(long, value_parser = parse_size)]
+        maxsize: Option<u64>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Roll the volume back to a (persistent) shadow copy.
     Revert {
         /// The volume's image.

@@ -4,7 +4,7 @@ use anyhow::{Result, bail};
 
 use crate::args::{AddWhat, Command, CreateWhat, DeleteWhat, ImageCommand, ListWhat, ResizeWhat};
 use crate::ops::Which;
-use crate::verbs::{data, export, maintain, serve, shadows, shadowstorage};
+use crate::verbs::{data, export, maintain, receive, send, serve, shadows, shadowstorage};
 use crate::{bench, quickstart, vss};
 
 pub(crate) fn run(cmd: Command) -> Result<()> {
@@ -113,6 +113,32 @@ pub(crate) fn run(cmd: Command) -> Result<()> {
                 export::export_salvage(&volume, &shadow, &output, json)
             } else {
                 export::export(&volume, &shadow, &output, since.as_deref(), json)
+            }
+        }
+        Command::Send {
+            volume,
+            shadow,
+            since,
+            output,
+            to,
+            json,
+        } => match to {
+            Some(url) => bail!("object storage is not built yet: {url}"),
+            None => send::send(&volume, &shadow, since.as_deref(), output.as_deref(), json),
+        },
+        Command::Receive {
+            volume,
+            input,
+            from,
+            shadow,
+            diff,
+            maxsize,
+            json,
+        } => {
+            let new = receive::NewReplica { on: diff, maxsize };
+            match from {
+                Some(url) => bail!("object storage is not built yet: {url} {shadow:?}"),
+                None => receive::receive(&volume, input.as_deref(), &new, json),
             }
         }
         Command::Rebind { volume, on } => maintain::rebind(&volume, on.as_deref()),

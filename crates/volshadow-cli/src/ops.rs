@@ -44,6 +44,14 @@ pub enum Request {
         from: String,
         to: Option<String>,
     },
+    /// `Diff` within `offset..offset+length` only, so a caller walks a
+    /// large volume's changes a window at a time in bounded memory.
+    DiffIn {
+        from: String,
+        to: Option<String>,
+        offset: u64,
+        length: u64,
+    },
     Read {
         shadow: Option<String>,
         offset: u64,
@@ -276,6 +284,21 @@ pub fn execute(vol: &Volume, req: &Request, payload: &[u8]) -> Result<(Reply, Ve
                 None => Target::Live,
             };
             let extents = vol.changed_extents(from, to)?;
+            let bytes = extents.iter().map(|e| e.len).sum();
+            (Reply::Extents { extents, bytes }, Vec::new())
+        }
+        Request::DiffIn {
+            from,
+            to,
+            offset,
+            length,
+        } => {
+            let from = resolve(vol, from)?;
+            let to = match to {
+                Some(t) => Target::Snapshot(resolve(vol, t)?),
+                None => Target::Live,
+            };
+            let extents = vol.changed_extents_in(from, to, *offset, *length)?;
             let bytes = extents.iter().map(|e| e.len).sum();
             (Reply::Extents { extents, bytes }, Vec::new())
         }

@@ -37,7 +37,10 @@ pub(crate) fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(len);
-    let template = if what == "exporting" || what == "preallocating" {
+    let template = if matches!(
+        what,
+        "exporting" | "preallocating" | "sending" | "receiving" | "uploading"
+    ) {
         "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})"
     } else {
         "{msg} [{bar:40}] {pos}/{len} ({eta})"

@@ -148,6 +148,9 @@ fn open_inner(img: &Path, mode: OpenMode, resolve: bool) -> Result<Volume> {
         if resolve {
             resolve_in_doubt(img, &vol)?;
         }
+        if mode == OpenMode::Normal {
+            crate::verbs::receive::settle_cut_receive(img, &vol)?;
+        }
     }
     Ok(vol)
 }

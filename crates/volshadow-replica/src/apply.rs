@@ -207,10 +207,15 @@ pub struct Apply<'a> {
 impl<'a> Apply<'a> {
     /// Checks that the replica's newest shadow copy is `base` (none for a
     /// full stream), that `target` is new and that the live volume was
-    /// not written since `base`; then writes the marker. A refusal
-    /// changes nothing.
+    /// not written since `base`; then writes the marker (a first
+    /// receive's caller wrote it already, with `base` `None`, before it
+    /// created the replica). A refusal changes nothing.
     pub fn begin(vol: &'a Volume, marker: &Path, target: Uuid, base: Option<Uuid>) -> Result<Self> {
-        if let Some(p) = read_marker(marker)? {
+        // A first receive writes its marker before it creates the
+        // replica's files; that one is taken over.
+        if let Some(p) = read_marker(marker)?
+            && !(p.base.is_none() && base.is_none() && p.target == target)
+        {
             return Err(Error::Refused(format!(
                 "a receive of shadow copy {} was cut and is not settled yet ({} exists)",
                 p.target,

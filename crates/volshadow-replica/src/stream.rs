@@ -240,7 +240,7 @@ impl<W: Write> StreamWriter<W> {
 
     /// Bytes of the volume the records written so far cover.
     pub fn covered(&self) -> u64 {
-        self.covered
+        self.covered + self.zeros.map_or(0, |z| z.1)
     }
 
     fn record(&mut self, kind: u32, offset: u64, len: u64, body: &[u8]) -> Result<()> {

@@ -10,6 +10,8 @@ pub(crate) mod expose;
 pub(crate) mod maintain;
 #[cfg(target_os = "linux")]
 pub(crate) mod mount;
+pub(crate) mod receive;
+pub(crate) mod send;
 pub(crate) mod serve;
 pub(crate) mod shadows;
 pub(crate) mod shadowstorage;

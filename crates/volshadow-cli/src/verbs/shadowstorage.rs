@@ -69,6 +69,26 @@ fn fill_zeros(dev: &FileImage) -> Result<()> {
 }
 
 pub(crate) fn add(img: &Path, diff: &Path, spec: StorageSpec, policy: &PolicyArgs) -> Result<()> {
+    let maxsize = spec.maxsize;
+    let vol = create_storage(img, diff, spec, policy)?;
+    println!(
+        "Added shadow storage for {} on {} (maximum {}).",
+        img.display(),
+        diff.display(),
+        ops::human_size(maxsize)
+    );
+    print!("{}", ops::render_usage(&vol.usage()));
+    Ok(())
+}
+
+/// A new diff area for `img` and the binding that pairs them; every check
+/// comes before any file is made.
+pub(crate) fn create_storage(
+    img: &Path,
+    diff: &Path,
+    spec: StorageSpec,
+    policy: &PolicyArgs,
+) -> Result<Volume> {
     let StorageSpec {
         maxsize,
         chunk_size,
@@ -143,14 +163,7 @@ pub(crate) fn add(img: &Path, diff: &Path, spec: StorageSpec, policy: &PolicyArg
         }
     };
     storage::write_binding(img, diff, vol.id())?;
-    println!(
-        "Added shadow storage for {} on {} (maximum {}).",
-        img.display(),
-        diff.display(),
-        ops::human_size(maxsize)
-    );
-    print!("{}", ops::render_usage(&vol.usage()));
-    Ok(())
+    Ok(vol)
 }
 
 pub(crate) fn list(volume: Option<PathBuf>, json: bool) -> Result<()> {
