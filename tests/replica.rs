@@ -60,7 +60,11 @@ fn read_all(dir: &Path, img: &str, shadow: Option<&str>) -> Vec<u8> {
         args.extend(["--shadow", s]);
     }
     let out = vs_raw(dir, &args);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -120,7 +124,13 @@ fn source(rounds: u64) -> Source {
     for r in 0..rounds {
         for k in 0..5u64 {
             let off = ((r * 7 + k * 3) % 15) as usize * (1 << 20) + (k as usize * 5000);
-            put(d, "disk.img", &mut model, off, &pattern(20_000, r * 10 + k + 2));
+            put(
+                d,
+                "disk.img",
+                &mut model,
+                off,
+                &pattern(20_000, r * 10 + k + 2),
+            );
         }
         shadows.push((snapshot(d, "disk.img"), model.clone()));
     }
@@ -151,14 +161,21 @@ fn full_and_incrementals_through_files_and_pipes_are_byte_exact() {
         } else {
             vs_raw(d, &["receive", "--for", "rep.img", "--input", &name])
         };
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(read_all(d, "rep.img", None), src.shadows[i].1, "after {i}");
     }
     // Every shadow copy of the replica, by the source's ids, reads what
     // the source's did.
     assert_eq!(shadow_ids(d, "rep.img"), ids);
     for (id, want) in &src.shadows {
-        assert!(read_all(d, "rep.img", Some(id)) == *want, "shadow copy {id}");
+        assert!(
+            read_all(d, "rep.img", Some(id)) == *want,
+            "shadow copy {id}"
+        );
     }
     assert_eq!(read_all(d, "rep.img", None), src.model);
     let v = json(d, &["verify", "--for", "rep.img", "--json"]);
@@ -178,7 +195,9 @@ fn full_and_incrementals_through_files_and_pipes_are_byte_exact() {
     let len = SIZE.to_string();
     let out = vs_raw(
         d,
-        &["read", "--for", "rep2.img", "--offset", "0", "--length", &len],
+        &[
+            "read", "--for", "rep2.img", "--offset", "0", "--length", &len,
+        ],
     );
     assert!(out.stdout == src.shadows[3].1);
 }
@@ -198,14 +217,20 @@ fn wrong_base_damaged_and_cut_streams_are_refused_and_change_nothing() {
     assert!(!d.join("rep.img").exists());
     vs(d, &["receive", "--for", "rep.img", "--input", "s0.vss"]);
     let before = replica_files(d);
-    let err = String::from_utf8(
-        vs_raw(d, &["receive", "--for", "rep.img", "--input", "s2.vss"]).stderr,
-    )
-    .unwrap();
+    let err =
+        String::from_utf8(vs_raw(d, &["receive", "--for", "rep.img", "--input", "s2.vss"]).stderr)
+            .unwrap();
     assert!(err.contains("applies on shadow copy"), "{err}");
-    assert!(replica_files(d) == before, "a wrong base changed the replica");
+    assert!(
+        replica_files(d) == before,
+        "a wrong base changed the replica"
+    );
     // A full stream onto an existing replica.
-    assert!(!vs_raw(d, &["receive", "--for", "rep.img", "--input", "s0.vss"]).status.success());
+    assert!(
+        !vs_raw(d, &["receive", "--for", "rep.img", "--input", "s0.vss"])
+            .status
+            .success()
+    );
     assert!(replica_files(d) == before);
 
     // Damaged: one byte flipped in the middle of the data; cut: the end
@@ -229,14 +254,28 @@ fn wrong_base_damaged_and_cut_streams_are_refused_and_change_nothing() {
     // from 0 to 2 is refused on top of it.
     vs(d, &["receive", "--for", "rep.img", "--input", "s1.vss"]);
     assert!(read_all(d, "rep.img", None) == src.shadows[1].1);
-    assert!(!vs_raw(d, &["receive", "--for", "rep.img", "--input", "s02.vss"]).status.success());
+    assert!(
+        !vs_raw(d, &["receive", "--for", "rep.img", "--input", "s02.vss"])
+            .status
+            .success()
+    );
     // A replica written to since its newest shadow copy is refused.
     let f = write_file(d, "x.bin", b"local change");
-    vs(d, &["write", "--for", "rep.img", "--offset", "0", "--input", f.to_str().unwrap()]);
-    let err = String::from_utf8(
-        vs_raw(d, &["receive", "--for", "rep.img", "--input", "s2.vss"]).stderr,
-    )
-    .unwrap();
+    vs(
+        d,
+        &[
+            "write",
+            "--for",
+            "rep.img",
+            "--offset",
+            "0",
+            "--input",
+            f.to_str().unwrap(),
+        ],
+    );
+    let err =
+        String::from_utf8(vs_raw(d, &["receive", "--for", "rep.img", "--input", "s2.vss"]).stderr)
+            .unwrap();
     assert!(err.contains("was written since"), "{err}");
     vs(d, &["revert", "--for", "rep.img", "--shadow", ids[1]]);
     vs(d, &["receive", "--for", "rep.img", "--input", "s2.vss"]);
@@ -289,7 +328,11 @@ fn kill_9_during_receive_leaves_the_previous_shadow_copy() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("first receive"));
     let out = vs_raw(d, &["receive", "--for", "rep.img", "--input", "s0.vss"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(read_all(d, "rep.img", None) == src.shadows[0].1);
 
     // An incremental killed after most of its records went in.

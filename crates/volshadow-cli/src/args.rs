@@ -193,8 +193,12 @@ pub(crate) enum Command {
     /// Reread every preserved chunk and check its hash.
     Verify {
         /// The volume's image.
-        #[arg(long = "for", value_name = "IMG")]
-        volume: PathBuf,
+        #[arg(long = "for", value_name = "IMG", required_unless_present = "from")]
+        volume: Option<PathBuf>,
+        /// Check object storage instead (`s3://bucket/prefix`): read every
+        /// manifest whole and rehash every stored chunk.
+        #[arg(long, value_name = "URL", conflicts_with_all = ["volume", "salvage"])]
+        from: Option<String>,
         /// Check damaged shadow storage read-only (salvage mode) instead
         /// of refusing to open it: reports what salvage can and cannot
         /// vouch for.
@@ -467,8 +471,11 @@ pub(crate) enum ListWhat {
     /// Shadow copies of a volume, oldest first.
     Shadows {
         /// The volume's image.
-        #[arg(long = "for", value_name = "IMG")]
-        volume: PathBuf,
+        #[arg(long = "for", value_name = "IMG", required_unless_present = "from")]
+        volume: Option<PathBuf>,
+        /// The shadow copies stored in object storage (`s3://bucket/prefix`).
+        #[arg(long, value_name = "URL", conflicts_with = "volume")]
+        from: Option<String>,
         /// Print the list as JSON.
         #[arg(long)]
         json: bool,
@@ -526,8 +533,12 @@ pub(crate) enum DeleteWhat {
     /// Delete one shadow copy, the oldest, or all.
     Shadows {
         /// The volume's image.
-        #[arg(long = "for", value_name = "IMG")]
-        volume: PathBuf,
+        #[arg(long = "for", value_name = "IMG", required_unless_present = "from")]
+        volume: Option<PathBuf>,
+        /// Delete from object storage (`s3://bucket/prefix`) instead, with
+        /// --shadow: its manifest, and the chunks no other shadow copy uses.
+        #[arg(long, value_name = "URL", conflicts_with_all = ["volume", "oldest", "all"])]
+        from: Option<String>,
         /// This shadow copy (id or unique prefix).
         #[arg(long, group = "which")]
         shadow: Option<String>,

@@ -1,10 +1,10 @@
 //! One dispatch from the clap tree to the verbs.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::args::{AddWhat, Command, CreateWhat, DeleteWhat, ImageCommand, ListWhat, ResizeWhat};
 use crate::ops::Which;
-use crate::verbs::{data, export, maintain, receive, send, serve, shadows, shadowstorage};
+use crate::verbs::{data, export, maintain, objects, receive, send, serve, shadows, shadowstorage};
 use crate::{bench, quickstart, vss};
 
 pub(crate) fn run(cmd: Command) -> Result<()> {
@@ -41,7 +41,11 @@ pub(crate) fn run(cmd: Command) -> Result<()> {
                 },
         } => shadowstorage::resize(&volume, maxsize, &policy),
         Command::List { what } => match what {
-            ListWhat::Shadows { volume, json } => shadows::list(&volume, json),
+            ListWhat::Shadows { volume, from, json } => match (volume, from) {
+                (_, Some(url)) => objects::list(&url, json),
+                (Some(v), None) => shadows::list(&v, json),
+                (None, None) => bail!("say which: --for IMG or --from URL"),
+            },
             ListWhat::Shadowstorage { volume, json } => shadowstorage::list(volume, json),
             ListWhat::Writers { config, json } => vss::list_writers(&config, json),
             ListWhat::Providers { json } => vss::list_providers(json),
@@ -59,12 +63,22 @@ pub(crate) fn run(cmd: Command) -> Result<()> {
             what:
                 DeleteWhat::Shadows {
                     volume,
+                    from,
                     shadow,
                     oldest,
                     all,
                     set,
                 },
         } => {
+            if let Some(url) = from {
+                let Some(id) = shadow else {
+                    bail!("--from deletes one shadow copy: give --shadow ID");
+                };
+                return objects::delete(&url, &id);
+            }
+            let Some(volume) = volume else {
+                bail!("say which: --for IMG or --from URL");
+            };
             if let Some(set) = set {
                 return vss::delete_set(&volume, &set);
             }
@@ -123,7 +137,7 @@ pub(crate) fn run(cmd: Command) -> Result<()> {
             to,
             json,
         } => match to {
-            Some(url) => bail!("object storage is not built yet: {url}"),
+            Some(url) => objects::send_to(&volume, &shadow, since.as_deref(), &url, json),
             None => send::send(&volume, &shadow, since.as_deref(), output.as_deref(), json),
         },
         Command::Receive {
@@ -137,7 +151,10 @@ pub(crate) fn run(cmd: Command) -> Result<()> {
         } => {
             let new = receive::NewReplica { on: diff, maxsize };
             match from {
-                Some(url) => bail!("object storage is not built yet: {url} {shadow:?}"),
+                Some(url) => {
+                    let shadow = shadow.context("--from needs --shadow ID")?;
+                    objects::receive_from(&volume, &url, &shadow, &new, json)
+                }
                 None => receive::receive(&volume, input.as_deref(), &new, json),
             }
         }
@@ -149,9 +166,14 @@ pub(crate) fn run(cmd: Command) -> Result<()> {
         } => maintain::revert(&volume, &shadow, json),
         Command::Verify {
             volume,
+            from,
             salvage,
             json,
-        } => maintain::verify(&volume, salvage, json),
+        } => match (volume, from) {
+            (_, Some(url)) => objects::verify(&url, json),
+            (Some(v), None) => maintain::verify(&v, salvage, json),
+            (None, None) => bail!("say which: --for IMG or --from URL"),
+        },
         Command::Serve(args) => serve::serve(args),
         Command::Quickstart { dir } => quickstart::run(dir),
         Command::Bench {

@@ -40,6 +40,9 @@ pub enum Error {
     Missing(Uuid),
     #[error("{0}")]
     Refused(String),
+    /// The volume being sent failed a read (the caller's own error text).
+    #[error("reading the shadow copy: {0}")]
+    Source(String),
     #[error("object store {url}: {what}")]
     Store { url: String, what: String },
 }

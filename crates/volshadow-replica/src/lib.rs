@@ -6,6 +6,8 @@
 
 pub mod apply;
 mod error;
+pub mod replicate;
+pub mod store;
 pub mod stream;
 
 pub use apply::{Apply, Pending, Settled};

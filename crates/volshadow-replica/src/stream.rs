@@ -217,17 +217,8 @@ impl<W: Write> StreamWriter<W> {
     /// part of one zero record for the whole run.
     pub fn push(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         if data.iter().all(|&b| b == 0) {
-            let len = data.len() as u64;
-            match &mut self.zeros {
-                Some((at, n)) if *at + *n == offset => *n += len,
-                _ => {
-                    self.flush_zeros()?;
-                    self.zeros = Some((offset, len));
-                }
-            }
-            return Ok(());
+            return self.push_zero(offset, data.len() as u64);
         }
-        self.flush_zeros()?;
         self.data(offset, data)
     }
 
@@ -264,9 +255,22 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
+    /// `len` zero bytes at `offset`, joined to a run of zeros just before.
+    pub fn push_zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        match &mut self.zeros {
+            Some((at, n)) if *at + *n == offset => *n += len,
+            _ => {
+                self.flush_zeros()?;
+                self.zeros = Some((offset, len));
+            }
+        }
+        Ok(())
+    }
+
     /// `data` at `offset` (at most the header's `piece` bytes).
     pub fn data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         debug_assert_eq!(self.header.kind, Kind::Stream);
+        self.flush_zeros()?;
         if data.len() as u64 > u64::from(self.header.piece) {
             return Err(Error::Refused(format!(
                 "a data record of {} bytes is more than the stream's piece {}",
@@ -277,13 +281,14 @@ impl<W: Write> StreamWriter<W> {
         self.record(KIND_DATA, offset, data.len() as u64, data)
     }
 
-    pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+    fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.record(KIND_ZERO, offset, len, &[])
     }
 
     /// `len` bytes at `offset` are the object named by `hash`.
     pub fn reference(&mut self, offset: u64, len: u64, hash: &[u8; HASH_LEN]) -> Result<()> {
         debug_assert_eq!(self.header.kind, Kind::Manifest);
+        self.flush_zeros()?;
         self.record(KIND_REF, offset, len, hash)
     }
 
@@ -498,7 +503,7 @@ mod tests {
     fn sample() -> Vec<u8> {
         let mut w = StreamWriter::new(Vec::new(), header(Kind::Stream)).unwrap();
         w.data(0, &[1u8; 5000]).unwrap();
-        w.zero(8192, 4096).unwrap();
+        w.push_zero(8192, 4096).unwrap();
         w.data(65536, &[9u8; 65536]).unwrap();
         w.finish().unwrap()
     }

@@ -10,6 +10,7 @@ pub(crate) mod expose;
 pub(crate) mod maintain;
 #[cfg(target_os = "linux")]
 pub(crate) mod mount;
+pub(crate) mod objects;
 pub(crate) mod receive;
 pub(crate) mod send;
 pub(crate) mod serve;
