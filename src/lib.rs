@@ -2,7 +2,8 @@
 //!
 //! This facade re-exports the workspace crates so an embedder depends on one
 //! package: [`block`] (devices), [`cow`] (the copy-on-write engine), [`vss`]
-//! (the requester / writer / provider protocol) and [`nbd`] (network export).
+//! (the requester / writer / provider protocol), [`nbd`] (network export)
+//! and [`replica`] (send/receive streams and object storage).
 //!
 //! # Where to start
 //!
@@ -45,4 +46,5 @@
 pub use volshadow_block as block;
 pub use volshadow_cow as cow;
 pub use volshadow_nbd as nbd;
+pub use volshadow_replica as replica;
 pub use volshadow_vss as vss;

@@ -98,6 +98,10 @@ fn start_weed() -> Option<Weed> {
             &format!("-filer.port={}", ports[2]),
             "-s3",
             &format!("-s3.port={}", ports[3]),
+            // The S3 gateway's Iceberg and Lance listeners have fixed
+            // default ports; off, so runs side by side do not collide.
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             "-volume.max=100",
             "-master.volumeSizeLimitMB=64",
         ])
@@ -479,14 +483,7 @@ fn s3_full_incrementals_dedup_resume_corruption_and_crash() {
         "{err}"
     );
     assert!(read_all(d, "late.img", SIZE) == *m2);
-    assert_eq!(
-        shadow_ids(d, "late.img"),
-        vec![
-            shadows[0].0.clone(),
-            shadows[1].0.clone(),
-            shadows[2].0.clone()
-        ]
-    );
+    assert_eq!(shadow_ids(d, "late.img"), vec![shadows[2].0.clone()]);
 
     // Deleting a shadow copy removes only the chunks no other one uses.
     ok(

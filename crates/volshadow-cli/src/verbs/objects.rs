@@ -9,7 +9,7 @@ use volshadow_replica::Kind;
 use volshadow_replica::replicate::{self, ShadowMeta};
 use volshadow_replica::store::Bucket;
 
-use crate::dispatch::progress;
+use crate::output::progress;
 use crate::ops;
 use crate::verbs::receive::{self, NewReplica};
 use crate::verbs::send::Source;

@@ -18,6 +18,8 @@ use crate::{guard, storage};
 /// Changed extents are asked for a window of the volume at a time, so
 /// their list stays small whatever the volume's size.
 const WINDOW: u64 = 1 << 30;
+/// Pieces read ahead of the stream's writer.
+const AHEAD: usize = 4;
 
 /// What is being sent, and the session to read it through.
 pub(crate) struct Source {
@@ -121,26 +123,46 @@ impl Source {
     }
 
     /// Calls `f` with every piece (at most `piece` bytes, not crossing a
-    /// multiple of `piece`) of the extents to send, in offset order.
+    /// multiple of `piece`) of the extents to send, in offset order. The
+    /// reads run on a second thread, a few pieces ahead of `f` (hashing
+    /// and writing), so the two overlap in bounded memory.
     pub(crate) fn each_piece(
         &mut self,
         piece: u64,
         mut f: impl FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
-        let mut w = 0;
-        while w < self.len {
-            for (off, len) in self.extents_in(w, WINDOW)? {
-                let mut at = off;
-                while at < off + len {
-                    let n = (off + len - at).min(piece - at % piece);
-                    let data = self.read(at, n)?;
-                    f(at, &data)?;
-                    at += n;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(u64, Vec<u8>)>>(AHEAD);
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let mut read_all = || -> Result<()> {
+                    let mut w = 0;
+                    while w < self.len {
+                        for (off, len) in self.extents_in(w, WINDOW)? {
+                            let mut at = off;
+                            while at < off + len {
+                                let n = (off + len - at).min(piece - at % piece);
+                                let data = self.read(at, n)?;
+                                if tx.send(Ok((at, data))).is_err() {
+                                    // The consumer stopped; its error wins.
+                                    return Ok(());
+                                }
+                                at += n;
+                            }
+                        }
+                        w += WINDOW;
+                    }
+                    Ok(())
+                };
+                if let Err(e) = read_all() {
+                    let _ = tx.send(Err(e));
                 }
+            });
+            for item in rx {
+                let (at, data) = item?;
+                f(at, &data)?;
             }
-            w += WINDOW;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 
@@ -169,11 +191,18 @@ pub(crate) fn send(
     };
     let total = src.total()?;
     let bar = progress(total, "sending");
+    // A regular file (new or replaced) is flushed at the end and removed
+    // if the send fails; anything else (a pipe, a device) is only written.
+    let file = output.filter(|p| !to_stdout && std::fs::metadata(p).map_or(true, |m| m.is_file()));
     let out: Box<dyn Write> = match output.filter(|_| !to_stdout) {
         Some(p) => {
             guard::refuse_volume_file(p, &[img.to_path_buf()], "the stream")?;
-            let f =
-                std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(file.is_some())
+                .open(p)
+                .with_context(|| format!("opening {}", p.display()))?;
             Box::new(f)
         }
         None => Box::new(std::io::stdout().lock()),
@@ -188,11 +217,8 @@ pub(crate) fn send(
         })?;
         let covered = w.covered();
         let out = w.finish()?;
-        if let Some(p) = output.filter(|_| !to_stdout) {
-            let f = out
-                .into_inner()
-                .map_err(std::io::IntoInnerError::into_error)?;
-            drop(f);
+        if let Some(p) = file {
+            drop(out);
             std::fs::File::open(p)?.sync_all()?;
         }
         Ok(covered)
@@ -201,7 +227,7 @@ pub(crate) fn send(
     let covered = match sent {
         Ok(c) => c,
         Err(e) => {
-            if let Some(p) = output.filter(|_| !to_stdout) {
+            if let Some(p) = file {
                 let _ = std::fs::remove_file(p);
                 return Err(e.context(format!("sending to {} (removed)", p.display())));
             }
