@@ -261,30 +261,15 @@ pub fn restore(
         ));
     }
     let mut fetch = bucket.prefetch();
-    let mut queued: std::collections::VecDeque<(u64, u64)> = Default::default();
-    let mut drain = |fetch: &mut crate::store::Prefetch<'_>,
-                     queued: &mut std::collections::VecDeque<(u64, u64)>,
-                     apply: &mut Apply<'_>|
-     -> Result<()> {
-        let (off, n) = queued
-            .pop_front()
-            .ok_or_else(|| Error::Refused("queue".into()))?;
-        let data = fetch.next()?.unwrap_or_default();
-        if data.len() as u64 != n {
-            return Err(Error::Damaged {
-                what: format!(
-                    "the chunk for offset {off} has {} bytes, not {n}",
-                    data.len()
-                ),
-                at: off,
-            });
+    let mut write_oldest = |fetch: &mut crate::store::Prefetch<'_>, apply: &mut Apply<'_>| {
+        if let Some((offset, data)) = fetch.finish_oldest()? {
+            apply.record(&Record::Data {
+                offset,
+                data: &data,
+            })?;
+            progress(data.len() as u64);
         }
-        apply.record(&Record::Data {
-            offset: off,
-            data: &data,
-        })?;
-        progress(n);
-        Ok(())
+        Ok::<(), Error>(())
     };
     let mut off = 0;
     while off < len {
@@ -302,17 +287,16 @@ pub fn restore(
                 })?,
                 Entry::Ref(h) => {
                     if fetch.len() >= crate::store::IN_FLIGHT {
-                        drain(&mut fetch, &mut queued, apply)?;
+                        write_oldest(&mut fetch, apply)?;
                     }
-                    fetch.start(h);
-                    queued.push_back((off, n));
+                    fetch.start(h, off, n);
                 }
             }
         }
         off += n;
     }
     while !fetch.is_empty() {
-        drain(&mut fetch, &mut queued, apply)?;
+        write_oldest(&mut fetch, apply)?;
     }
     new.finish()?;
     if let Some(o) = old {

@@ -369,11 +369,20 @@ impl Uploads<'_> {
     }
 }
 
+/// One chunk being fetched, for the block at `offset` of `len` bytes.
+#[derive(Debug)]
+struct Fetch {
+    hash: [u8; HASH_LEN],
+    offset: u64,
+    len: u64,
+    task: JoinHandle<object_store::Result<Vec<u8>>>,
+}
+
 /// Chunk downloads started ahead of their use, in order.
 #[derive(Debug)]
 pub struct Prefetch<'a> {
     bucket: &'a Bucket,
-    pending: VecDeque<([u8; HASH_LEN], JoinHandle<object_store::Result<Vec<u8>>>)>,
+    pending: VecDeque<Fetch>,
 }
 
 impl Prefetch<'_> {
@@ -385,35 +394,48 @@ impl Prefetch<'_> {
         self.pending.is_empty()
     }
 
-    /// Starts fetching chunk `hash`.
-    pub fn start(&mut self, hash: [u8; HASH_LEN]) {
+    /// Starts fetching chunk `hash`, the `len` bytes at `offset`.
+    pub fn start(&mut self, hash: [u8; HASH_LEN], offset: u64, len: u64) {
         let store = self.bucket.store.clone();
         let path = self.bucket.chunk_path(&hash);
-        self.pending.push_back((
+        let task = self
+            .bucket
+            .rt
+            .spawn(async move { Ok(store.get(&path).await?.bytes().await?.to_vec()) });
+        self.pending.push_back(Fetch {
             hash,
-            self.bucket
-                .rt
-                .spawn(async move { Ok(store.get(&path).await?.bytes().await?.to_vec()) }),
-        ));
+            offset,
+            len,
+            task,
+        });
     }
 
-    /// The oldest fetch's bytes, checked against their name.
-    pub fn next(&mut self) -> Result<Option<Vec<u8>>> {
-        let Some((hash, h)) = self.pending.pop_front() else {
+    /// The oldest fetch: its offset and bytes, checked against the
+    /// chunk's name and the block's length.
+    pub fn finish_oldest(&mut self) -> Result<Option<(u64, Vec<u8>)>> {
+        let Some(f) = self.pending.pop_front() else {
             return Ok(None);
         };
+        let name = hex(&f.hash);
         let data = self
             .bucket
             .rt
-            .block_on(h)
+            .block_on(f.task)
             .map_err(|e| self.bucket.err(e))?
-            .map_err(|e| self.bucket.err(format!("chunk {}: {e}", hex(&hash))))?;
-        if *blake3::hash(&data).as_bytes() != hash {
+            .map_err(|e| self.bucket.err(format!("chunk {name}: {e}")))?;
+        if *blake3::hash(&data).as_bytes() != f.hash {
             return Err(self.bucket.err(format!(
-                "chunk {} is damaged: its bytes do not hash to its name",
-                hex(&hash)
+                "chunk {name} is damaged: its bytes do not hash to its name"
             )));
         }
-        Ok(Some(data))
+        if data.len() as u64 != f.len {
+            return Err(self.bucket.err(format!(
+                "chunk {name} has {} bytes, the block at offset {} {}",
+                data.len(),
+                f.offset,
+                f.len
+            )));
+        }
+        Ok(Some((f.offset, data)))
     }
 }

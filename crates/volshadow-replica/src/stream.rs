@@ -428,7 +428,7 @@ impl<R: Read> StreamReader<R> {
             KIND_DATA => len as usize,
             KIND_REF => {
                 let block = u64::from(h.piece);
-                if offset % block != 0 || len > block {
+                if !offset.is_multiple_of(block) || len > block {
                     return Err(self.damaged("reference not one block", start));
                 }
                 HASH_LEN
