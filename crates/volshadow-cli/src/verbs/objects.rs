@@ -9,8 +9,8 @@ use volshadow_replica::Kind;
 use volshadow_replica::replicate::{self, ShadowMeta};
 use volshadow_replica::store::Bucket;
 
-use crate::output::progress;
 use crate::ops;
+use crate::output::progress;
 use crate::verbs::receive::{self, NewReplica};
 use crate::verbs::send::Source;
 
