@@ -6,7 +6,9 @@
 
 pub mod apply;
 mod error;
+#[cfg(feature = "s3")]
 pub mod replicate;
+#[cfg(feature = "s3")]
 pub mod store;
 pub mod stream;
 
