@@ -454,27 +454,51 @@ fn copy_a_busy_file_system(d: &Path, live: &Path, kind: Fs) {
 
     let writers = Appender::start(&fs);
     std::thread::sleep(Duration::from_millis(300));
-    // Frozen: every write before it is in the copy, none after.
-    run("fsfreeze", &["-f", fs.to_str().unwrap()]);
+    // A VSS backup with an fsfreeze writer on the file system, through the
+    // mount's server: every write durable before it is in the copy, none
+    // started after it.
+    std::fs::write(
+        d.join("backup.toml"),
+        format!(
+            r#"[backup]
+context = "app-rollback"
+type = "full"
+document = "backup.json"
+[[volume]]
+path = "disk.img"
+[[writer]]
+name = "fs"
+kind = "fsfreeze"
+mount = "{}"
+[[writer.component]]
+name = "logs"
+paths = ["{}"]
+"#,
+            fs.display(),
+            fs.display()
+        ),
+    )
+    .unwrap();
     let before: Vec<u64> = writers
         .durable
         .iter()
         .map(|a| a.load(Ordering::SeqCst))
         .collect();
-    let created = vs_raw(d, &["create", "shadow", "--for", "disk.img", "--json"]);
+    let backup = vs_raw(d, &["backup", "--config", "backup.toml"]);
     let after: Vec<u64> = writers
         .started
         .iter()
         .map(|a| a.load(Ordering::SeqCst))
         .collect();
-    run("fsfreeze", &["-u", fs.to_str().unwrap()]);
     assert!(
-        created.status.success(),
-        "{}",
-        String::from_utf8_lossy(&created.stderr)
+        backup.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&backup.stdout),
+        String::from_utf8_lossy(&backup.stderr)
     );
-    let id: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
-    let id = id["shadow"]["id"].as_str().unwrap().to_string();
+    let listed = json(d, &["list", "shadows", "--for", "disk.img", "--json"]);
+    let id = listed["shadows"][0]["id"].as_str().unwrap().to_string();
+    assert!(d.join("backup.json").exists(), "the backup document");
     // The writers keep going while the copy is exposed.
     std::thread::sleep(Duration::from_millis(300));
 

@@ -60,7 +60,7 @@ pub use coordinator::{BackupSession, Coordinator, Limits, ProviderInfo, RestoreS
 pub use document::{BackupDocument, CbtBase, ComponentEntry, DOCUMENT_VERSION};
 pub use error::{VssError, VssResult};
 pub use provider::{CommitOptions, Provider, ProviderError, ProviderResult, SnapshotRef};
-pub use providers::{CowProvider, ReflinkProvider};
+pub use providers::{CowProvider, CowVolume, ReflinkProvider};
 pub use writer::{
     Component, EventContext, FailureKind, FreezeLevel, Phase, RestoreMethod, UsageType, Writer,
     WriterFailure, WriterMetadata, WriterResult, WriterState, WriterStatus,

@@ -239,6 +239,13 @@ impl Loaded {
         if open_volumes {
             for v in self.volumes() {
                 if crate::storage::binding_path(&v).exists() {
+                    // A volume `serve` or `mount` holds is backed up through
+                    // its server, its clients writing on.
+                    #[cfg(unix)]
+                    if let Some(served) = super::served::ServedVolume::find(&v)? {
+                        cow.add(v, Arc::new(served));
+                        continue;
+                    }
                     let vol = crate::storage::open_volume(&v)
                         .with_context(|| format!("opening {}", v.display()))?;
                     cow.add_volume(v, vol);

@@ -9,6 +9,8 @@
 //! (`NAME.writers.json`), so `list writers` shows the last backup's outcome.
 
 mod config;
+#[cfg(unix)]
+mod served;
 mod status;
 
 use std::path::Path;

@@ -3,5 +3,5 @@
 mod cow;
 mod reflink;
 
-pub use cow::CowProvider;
+pub use cow::{CowProvider, CowVolume};
 pub use reflink::ReflinkProvider;
