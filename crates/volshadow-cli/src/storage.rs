@@ -149,7 +149,7 @@ fn open_inner(img: &Path, mode: OpenMode, resolve: bool) -> Result<Volume> {
             resolve_in_doubt(img, &vol)?;
         }
         if mode == OpenMode::Normal {
-            crate::verbs::receive::settle_cut_receive(img, &vol)?;
+            settle_cut_receive(img, &vol)?;
         }
     }
     Ok(vol)
@@ -276,6 +276,35 @@ pub fn parse_positive_size(s: &str) -> Result<u64, String> {
         0 => Err(format!("size {:?} must be more than zero", s.trim())),
         n => Ok(n),
     }
+}
+
+/// `IMG.vshadow.receiving`: the marker of a receive in progress.
+pub(crate) fn marker_path(img: &Path) -> PathBuf {
+    let mut s = binding_path(img).into_os_string();
+    s.push(".receiving");
+    PathBuf::from(s)
+}
+
+/// Called on every normal open: settles a receive a crash cut, saying so
+/// on stderr.
+pub(crate) fn settle_cut_receive(img: &Path, vol: &Volume) -> Result<()> {
+    let marker = marker_path(img);
+    match volshadow_replica::apply::settle(vol, &marker)? {
+        volshadow_replica::apply::Settled::Clean => {}
+        volshadow_replica::apply::Settled::Finished(id) => eprintln!(
+            "volshadow: {}: the receive of shadow copy {id} had finished; its marker is removed",
+            img.display()
+        ),
+        volshadow_replica::apply::Settled::RolledBack(base) => eprintln!(
+            "volshadow: {}: a receive was cut; the live volume is back at shadow copy {base}",
+            img.display()
+        ),
+        volshadow_replica::apply::Settled::UnfinishedFirst(id) => bail!(
+            "{} is a replica whose first receive (of shadow copy {id}) was cut; receive the full stream again (it starts over) or delete the replica's files",
+            img.display()
+        ),
+    }
+    Ok(())
 }
 
 #[cfg(test)]

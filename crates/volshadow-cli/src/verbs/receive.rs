@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use volshadow_block::BlockDevice;
 use volshadow_cow::Volume;
-use volshadow_replica::apply::{self, Settled};
+use volshadow_replica::apply;
 use volshadow_replica::{Apply, Header, Kind, Pending, Record, StreamReader};
 
 use crate::args::PolicyArgs;
@@ -28,35 +28,6 @@ use crate::{guard, storage};
 pub(crate) struct NewReplica {
     pub(crate) on: Option<PathBuf>,
     pub(crate) maxsize: Option<u64>,
-}
-
-/// `IMG.vshadow.receiving`: the marker of a receive in progress.
-pub(crate) fn marker_path(img: &Path) -> PathBuf {
-    let mut s = storage::binding_path(img).into_os_string();
-    s.push(".receiving");
-    PathBuf::from(s)
-}
-
-/// Called on every normal open: settles a receive a crash cut, saying so
-/// on stderr.
-pub(crate) fn settle_cut_receive(img: &Path, vol: &Volume) -> Result<()> {
-    let marker = marker_path(img);
-    match apply::settle(vol, &marker)? {
-        Settled::Clean => {}
-        Settled::Finished(id) => eprintln!(
-            "volshadow: {}: the receive of shadow copy {id} had finished; its marker is removed",
-            img.display()
-        ),
-        Settled::RolledBack(base) => eprintln!(
-            "volshadow: {}: a receive was cut; the live volume is back at shadow copy {base}",
-            img.display()
-        ),
-        Settled::UnfinishedFirst(id) => bail!(
-            "{} is a replica whose first receive (of shadow copy {id}) was cut; receive the full stream again (it starts over) or delete the replica's files",
-            img.display()
-        ),
-    }
-    Ok(())
 }
 
 /// `receive` from a file or standard input.
@@ -130,7 +101,7 @@ pub(crate) fn apply_stream(
     new: &NewReplica,
     feed: impl FnOnce(&mut Apply<'_>) -> volshadow_replica::Result<()>,
 ) -> Result<(volshadow_cow::SnapshotInfo, u64)> {
-    let marker = marker_path(img);
+    let marker = storage::marker_path(img);
     let target = header.shadow_id;
     let vol = match header.base_id {
         Some(_) => {
@@ -184,7 +155,7 @@ pub(crate) fn apply_stream(
 /// A full stream's new replica: the marker first (so a crash at any
 /// point is recognised), then the image and its shadow storage.
 fn create_replica(img: &Path, header: &Header, new: &NewReplica) -> Result<Volume> {
-    let marker = marker_path(img);
+    let marker = storage::marker_path(img);
     match apply::read_marker(&marker)? {
         Some(p) if p.base.is_none() => {
             eprintln!(
@@ -262,5 +233,5 @@ fn remove_replica(img: &Path) {
     }
     let _ = std::fs::remove_file(storage::binding_path(img));
     let _ = std::fs::remove_file(img);
-    let _ = apply::remove_marker(&marker_path(img));
+    let _ = apply::remove_marker(&storage::marker_path(img));
 }
