@@ -16,37 +16,6 @@ use common::*;
 
 const SIZE: usize = 16 << 20;
 
-/// Deterministic bytes that differ by seed and position.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Writes `data` at `offset` into `img` and into the model.
-fn put(dir: &Path, img: &str, model: &mut [u8], offset: usize, data: &[u8]) {
-    let f = write_file(dir, "piece.bin", data);
-    vs(
-        dir,
-        &[
-            "write",
-            "--for",
-            img,
-            "--offset",
-            &offset.to_string(),
-            "--input",
-            f.to_str().unwrap(),
-        ],
-    );
-    model[offset..offset + data.len()].copy_from_slice(data);
-}
-
 fn snapshot(dir: &Path, img: &str) -> String {
     json(dir, &["create", "shadow", "--for", img, "--json"])["shadow"]["id"]
         .as_str()
@@ -118,7 +87,13 @@ fn source(rounds: u64) -> Source {
     let dir = volume("16M");
     let d = dir.path();
     let mut model = vec![0u8; SIZE];
-    put(d, "disk.img", &mut model, 1 << 20, &pattern(6 << 20, 1));
+    put(
+        d,
+        "disk.img",
+        &mut model,
+        1 << 20,
+        &random_bytes(6 << 20, 1),
+    );
     // A stretch of written zeros inside data: sent as a zero record.
     put(d, "disk.img", &mut model, 3 << 20, &vec![0u8; 1 << 20]);
     let mut shadows = vec![(snapshot(d, "disk.img"), model.clone())];
@@ -130,7 +105,7 @@ fn source(rounds: u64) -> Source {
                 "disk.img",
                 &mut model,
                 off,
-                &pattern(20_000, r * 10 + k + 2),
+                &random_bytes(20_000, r * 10 + k + 2),
             );
         }
         shadows.push((snapshot(d, "disk.img"), model.clone()));

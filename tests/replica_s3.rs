@@ -163,35 +163,6 @@ fn ok(w: &Weed, dir: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn put(dir: &Path, img: &str, model: &mut [u8], offset: usize, data: &[u8]) {
-    let f = write_file(dir, "piece.bin", data);
-    vs(
-        dir,
-        &[
-            "write",
-            "--for",
-            img,
-            "--offset",
-            &offset.to_string(),
-            "--input",
-            f.to_str().unwrap(),
-        ],
-    );
-    model[offset..offset + data.len()].copy_from_slice(data);
-}
-
 fn new_volume(dir: &Path, img: &str, size: usize) {
     vs(dir, &["image", "create", img, "--size", &size.to_string()]);
     let diff = format!("{img}.diff");
@@ -258,7 +229,7 @@ fn s3_full_incrementals_dedup_resume_corruption_and_crash() {
     // A full upload and three incrementals, each restorable byte-exact.
     new_volume(d, "disk.img", SIZE);
     let mut model = vec![0u8; SIZE];
-    put(d, "disk.img", &mut model, MIB, &pattern(5 * MIB, 1));
+    put(d, "disk.img", &mut model, MIB, &random_bytes(5 * MIB, 1));
     let mut shadows: Vec<(String, Vec<u8>)> = vec![(snapshot(d, "disk.img"), model.clone())];
     for r in 0..3u64 {
         for k in 0..3u64 {
@@ -268,7 +239,7 @@ fn s3_full_incrementals_dedup_resume_corruption_and_crash() {
                 "disk.img",
                 &mut model,
                 off,
-                &pattern(30_000, 10 * r + k + 2),
+                &random_bytes(30_000, 10 * r + k + 2),
             );
         }
         shadows.push((snapshot(d, "disk.img"), model.clone()));
@@ -338,7 +309,7 @@ fn s3_full_incrementals_dedup_resume_corruption_and_crash() {
     const BIG: usize = 96 * MIB;
     new_volume(d, "big.img", BIG);
     let mut big = vec![0u8; BIG];
-    put(d, "big.img", &mut big, 0, &pattern(BIG, 99));
+    put(d, "big.img", &mut big, 0, &random_bytes(BIG, 99));
     let b = snapshot(d, "big.img");
     let before = count_objects(&w, "backups/chunks/");
     let mut child = s3cmd(
@@ -393,7 +364,7 @@ fn s3_full_incrementals_dedup_resume_corruption_and_crash() {
             &b,
         ],
     );
-    put(d, "big.img", &mut big, 0, &pattern(64 * MIB, 7));
+    put(d, "big.img", &mut big, 0, &random_bytes(64 * MIB, 7));
     let b2 = snapshot(d, "big.img");
     ok(
         &w,
@@ -432,7 +403,7 @@ fn s3_full_incrementals_dedup_resume_corruption_and_crash() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("is back at shadow copy"));
         assert_eq!(shadow_ids(d, "bigrep.img"), vec![b.clone()]);
         let mut first = vec![0u8; BIG];
-        first.copy_from_slice(&pattern(BIG, 99));
+        first.copy_from_slice(&random_bytes(BIG, 99));
         assert!(read_all(d, "bigrep.img", BIG) == first, "not rolled back");
     } else {
         eprintln!("note: the receive finished before the kill; crash not exercised");

@@ -12,6 +12,33 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Bytes from the tests' one generator (splitmix64), different for each
+/// seed: data whose chunks never repeat by accident.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    volshadow_block::conformance::Rng::new(seed).fill(&mut out);
+    out
+}
+
+/// Writes `data` at `offset` into `img` (through `volshadow write`) and
+/// into the model.
+pub fn put(dir: &Path, img: &str, model: &mut [u8], offset: usize, data: &[u8]) {
+    let f = write_file(dir, "piece.bin", data);
+    vs(
+        dir,
+        &[
+            "write",
+            "--for",
+            img,
+            "--offset",
+            &offset.to_string(),
+            "--input",
+            f.to_str().unwrap(),
+        ],
+    );
+    model[offset..offset + data.len()].copy_from_slice(data);
+}
+
 /// Runs `volshadow ARGS`, which must fail with exit `code` and one line on
 /// stderr (never a panic); returns that line.
 pub fn refused(dir: &Path, args: &[&str], code: i32) -> String {
