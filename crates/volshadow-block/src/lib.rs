@@ -60,6 +60,7 @@ pub mod conformance;
 #[cfg(feature = "testing")]
 mod faulty;
 
+pub use align::{AlignedBuf, BufferPool};
 pub use error::{Error, Op, Result};
 pub use file::FileImage;
 pub use fsops::{freeze_filesystem, reflink_file, thaw_filesystem};
