@@ -52,6 +52,24 @@ impl Gate {
         Pass(self)
     }
 
+    /// Counts one more writer inside without a [`Pass`]: a write whose
+    /// origin update is held back (see `volume::held`) stays inside until
+    /// [`leave_detached`](Self::leave_detached), so closing the gate drains
+    /// it too. The caller is inside already (holds a `Pass`), so the gate
+    /// cannot be closed at this moment.
+    pub(crate) fn enter_detached(&self) {
+        self.lock().inside += 1;
+    }
+
+    /// Ends `n` detached entries.
+    pub(crate) fn leave_detached(&self, n: usize) {
+        let mut st = self.lock();
+        st.inside -= n;
+        if st.inside == 0 && st.closed {
+            self.changed.notify_all();
+        }
+    }
+
     /// Closes the gate, waiting at most `timeout` for another closer to
     /// finish and for writers inside to drain.
     pub(crate) fn close(&self, timeout: Duration) -> Result<Closed<'_>> {

@@ -3,7 +3,7 @@
 //! the origin is overwritten.
 
 use std::sync::atomic::Ordering;
-use std::sync::{MutexGuard, PoisonError};
+use std::sync::{Arc, MutexGuard, PoisonError};
 
 use volshadow_block::BlockDevice;
 
@@ -87,17 +87,20 @@ impl Inner {
             }
         };
         let cs = self.geo.chunk as usize;
-        let mut data = vec![0u8; todo.len() * cs];
+        // A pooled, aligned buffer: no allocation or zeroing per write, and
+        // an unbuffered diff area writes it without a bounce copy.
+        let mut data = self.buffers.take(todo.len() * cs);
         for (i, j) in runs(&todo) {
             let (off, _) = self.geo.chunk_range(todo[i]);
             let end = ((todo[j - 1] + 1) << self.geo.shift).min(self.geo.origin_len);
-            if let Err(e) = self
-                .origin
-                .read_at(&mut data[i * cs..i * cs + (end - off) as usize], off)
-            {
+            let (read, tail) = data[i * cs..j * cs].split_at_mut((end - off) as usize);
+            if let Err(e) = self.origin.read_at(read, off) {
                 release(&mut self.state_write());
                 return Err(e.into());
             }
+            // Past the origin's end (its last chunk): zeros, not what the
+            // buffer's last user left.
+            tail.fill(0);
         }
         // Every copy gets an entry (crc and chunk, checked on each read);
         // copies some persistent snapshot may read also get their blake3
@@ -143,6 +146,7 @@ impl Inner {
                     .write_at(&entries[i * e..j * e], self.geo.entry_offset(slots[i]))
             });
         }
+        self.buffers.give(data);
         let mut st = self.state_write();
         if let Err(e) = written {
             release(&mut st);
@@ -223,7 +227,14 @@ impl Inner {
     }
 
     /// The write path. The caller is inside the gate (or holds it closed).
-    pub(super) fn write_locked(&self, payload: Payload<'_>, offset: u64) -> Result<()> {
+    /// With `may_hold`, a write whose copies are not durable yet is held
+    /// (see `held`) instead of waiting for their flush.
+    pub(super) fn write_locked(
+        self: &Arc<Self>,
+        payload: Payload<'_>,
+        offset: u64,
+        may_hold: bool,
+    ) -> Result<()> {
         self.check_ok()?;
         let len = payload.len();
         if len == 0 {
@@ -231,12 +242,13 @@ impl Inner {
         }
         let first = offset >> self.geo.shift;
         let last = (offset + len - 1) >> self.geo.shift;
+        let chunks = (first, last);
         if self.newest.load(Ordering::Acquire) == 0 {
-            return self.write_origin(payload, offset);
+            return self.write_behind_held(payload, offset, chunks);
         }
         let need: Vec<u64> = (first..=last).filter(|&c| !self.preserved.get(c)).collect();
         if need.is_empty() {
-            return self.write_origin(payload, offset);
+            return self.write_behind_held(payload, offset, chunks);
         }
         let _guards = self.lock_stripes(need.iter().copied());
         // Re-check under the stripe locks: another writer may have copied.
@@ -245,12 +257,35 @@ impl Inner {
             .filter(|&c| !self.preserved.get(c))
             .collect();
         if let Some(owed) = self.preserve_many(&fresh)? {
+            if may_hold {
+                // Queued before the chunks are marked: a writer that sees
+                // the mark finds this entry and stays behind it.
+                self.hold(payload, offset, chunks, Some(owed))?;
+                for c in fresh {
+                    self.preserved.set(c);
+                }
+                return Ok(());
+            }
             self.settle(owed)?;
         }
         // Only now may other writers skip these chunks: their copies are
         // durable where they must be.
         for c in fresh {
             self.preserved.set(c);
+        }
+        self.write_behind_held(payload, offset, chunks)
+    }
+
+    /// Writes the origin, unless the write touches a chunk of a held write:
+    /// then it is held behind it, keeping their order.
+    fn write_behind_held(
+        self: &Arc<Self>,
+        payload: Payload<'_>,
+        offset: u64,
+        chunks: (u64, u64),
+    ) -> Result<()> {
+        if !self.held.is_empty() && self.hold(payload, offset, chunks, None)? {
+            return Ok(());
         }
         self.write_origin(payload, offset)
     }

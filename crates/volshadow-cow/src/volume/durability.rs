@@ -21,6 +21,15 @@ pub(super) struct Owed {
 }
 
 impl Owed {
+    /// The later of two debts (a flush covering it covers both).
+    pub(super) fn later(self, other: Owed) -> Owed {
+        if (other.epoch, other.seq) > (self.epoch, self.seq) {
+            other
+        } else {
+            self
+        }
+    }
+
     /// Everything the journal holds now.
     pub(super) fn all_of(st: &State) -> Self {
         Owed {

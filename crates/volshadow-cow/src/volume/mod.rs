@@ -11,6 +11,7 @@
 
 mod cow;
 mod durability;
+mod held;
 mod lifecycle;
 mod read;
 mod revert;
@@ -18,6 +19,7 @@ mod verify;
 
 use cow::Payload;
 use durability::Owed;
+use held::Held;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -25,7 +27,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 use uuid::Uuid;
-use volshadow_block::{BlockDevice, Op, check_range};
+use volshadow_block::{BlockDevice, BufferPool, Op, check_range};
 
 use crate::bitmap::{CopyHint, EpochBitmap};
 use crate::commit::GroupCommit;
@@ -43,6 +45,10 @@ use crate::types::{DEFAULT_MAX_SNAPSHOTS, SnapshotInfo, Usage, VolumeOptions};
 /// `c % STRIPES` until the origin write is done; a snapshot read of `c`
 /// holds it while it decides where to read from and reads.
 const STRIPES: usize = 1024;
+/// Copy buffers kept for reuse, and the largest kept (bounds the pool to
+/// 16 MiB; larger batches allocate their own).
+const COPY_BUFFERS_KEPT: usize = 4;
+const COPY_BUFFER_MAX: usize = 4 << 20;
 /// Unreported delete-oldest deletions kept for `take_auto_deleted`.
 const AUTO_DELETED_KEPT: usize = 1024;
 /// How long user operations wait for in-flight writes to drain: VSS's
@@ -68,6 +74,10 @@ pub(crate) struct Inner {
     /// flushes without taking the state lock.
     watermark: Arc<Watermark>,
     failed: AtomicBool,
+    /// Origin writes waiting for their copies' flush.
+    held: Held,
+    /// Buffers for chunk copies.
+    buffers: BufferPool,
     max_snapshots: AtomicU64,
     /// Snapshots the delete-oldest policy removed, not yet reported.
     auto_deleted: Mutex<Vec<SnapshotInfo>>,
@@ -98,6 +108,19 @@ impl std::fmt::Debug for Inner {
 #[derive(Debug, Clone)]
 pub struct Volume {
     pub(crate) inner: Arc<Inner>,
+    /// Shared by the clones; dropped with the last one.
+    _handle: Arc<Handle>,
+}
+
+/// The last `Volume` handle's going applies what is held and stops the
+/// applier thread, so nothing touches the devices after it.
+#[derive(Debug)]
+struct Handle(Arc<Inner>);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.held.stop();
+    }
 }
 
 impl Volume {
@@ -356,28 +379,32 @@ impl Volume {
         }
         let commit = GroupCommit::new(diff.clone());
         let watermark = state.journal.watermark();
+        let inner = Arc::new(Inner {
+            origin,
+            diff,
+            geo,
+            gate: Gate::default(),
+            state: RwLock::new(state),
+            preserved,
+            copied,
+            newest: AtomicU64::new(newest),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            watermark,
+            commit,
+            failed: AtomicBool::new(false),
+            held: Held::default(),
+            buffers: BufferPool::new(COPY_BUFFERS_KEPT, COPY_BUFFER_MAX),
+            max_snapshots: AtomicU64::new(DEFAULT_MAX_SNAPSHOTS as u64),
+            auto_deleted: Mutex::new(Vec::new()),
+            auto_deleted_total: AtomicU64::new(0),
+            format: sb.version,
+            closed: AtomicBool::new(false),
+            doubts,
+            notes,
+        });
         Ok(Volume {
-            inner: Arc::new(Inner {
-                origin,
-                diff,
-                geo,
-                gate: Gate::default(),
-                state: RwLock::new(state),
-                preserved,
-                copied,
-                newest: AtomicU64::new(newest),
-                stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-                watermark,
-                commit,
-                failed: AtomicBool::new(false),
-                max_snapshots: AtomicU64::new(DEFAULT_MAX_SNAPSHOTS as u64),
-                auto_deleted: Mutex::new(Vec::new()),
-                auto_deleted_total: AtomicU64::new(0),
-                format: sb.version,
-                closed: AtomicBool::new(false),
-                doubts,
-                notes,
-            }),
+            _handle: Arc::new(Handle(inner.clone())),
+            inner,
         })
     }
 
@@ -521,18 +548,31 @@ impl BlockDevice for Volume {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> volshadow_block::Result<()> {
         check_range(self, Op::Read, offset, buf.len() as u64)?;
-        self.inner.origin.read_at(buf, offset)
+        let held = &self.inner.held;
+        // Taken before the origin is read (see `held`).
+        let overlays = held.overlays(offset, buf.len() as u64);
+        if held.lost() {
+            // Acknowledged writes were dropped: the origin is stale.
+            return Err(Error::NeedsRecovery.into_block(self.name()));
+        }
+        self.inner.origin.read_at(buf, offset)?;
+        Held::apply_overlays(&overlays, buf, offset);
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> volshadow_block::Result<()> {
         check_range(self, Op::Write, offset, buf.len() as u64)?;
         let _pass = self.inner.gate.enter();
         self.inner
-            .write_locked(Payload::Data(buf), offset)
+            .write_locked(Payload::Data(buf), offset, true)
             .map_err(|e| e.into_block(self.name()))
     }
 
     fn flush(&self) -> volshadow_block::Result<()> {
+        // Every write held before this call reaches the origin first.
+        let held = &self.inner.held;
+        held.wait_finished(held.queued())
+            .map_err(|e| e.into_block(self.name()))?;
         // Only persistent snapshots must survive a crash: with none, the
         // copies may stay in the diff area's cache (recovery discards
         // non-persistent snapshots and every copy only they reference).
@@ -552,7 +592,7 @@ impl BlockDevice for Volume {
         check_range(self, Op::Discard, offset, len)?;
         let _pass = self.inner.gate.enter();
         self.inner
-            .write_locked(Payload::Discard(len), offset)
+            .write_locked(Payload::Discard(len), offset, true)
             .map_err(|e| e.into_block(self.name()))
     }
 
@@ -562,7 +602,24 @@ impl BlockDevice for Volume {
         len: u64,
     ) -> volshadow_block::Result<Option<Vec<volshadow_block::Extent>>> {
         check_range(self, Op::Query, offset, len)?;
-        self.inner.origin.allocation(offset, len)
+        let held = self.inner.held.data_extents(offset, len);
+        let Some(mut map) = self.inner.origin.allocation(offset, len)? else {
+            return Ok(None);
+        };
+        if !held.is_empty() {
+            // Held data may sit where the origin still has a hole.
+            map.extend(held);
+            map.sort_unstable_by_key(|e| e.offset);
+            let mut merged: Vec<volshadow_block::Extent> = Vec::with_capacity(map.len());
+            for e in map {
+                match merged.last_mut() {
+                    Some(m) if e.offset <= m.end() => m.len = m.len.max(e.end() - m.offset),
+                    _ => merged.push(e),
+                }
+            }
+            map = merged;
+        }
+        Ok(Some(map))
     }
 
     fn name(&self) -> String {

@@ -1,6 +1,8 @@
 //! Revert: the origin rolled back to a snapshot through the normal
 //! copy-on-write path, journaled so a crash resumes it.
 
+use std::sync::Arc;
+
 use tracing::info;
 use uuid::Uuid;
 use volshadow_block::BlockDevice;
@@ -89,7 +91,7 @@ impl Volume {
 
 impl Inner {
     /// Writes snapshot `seq`'s contents over the origin from chunk `start`.
-    pub(super) fn run_revert(&self, _closed: &Closed<'_>, seq: u64, start: u64) -> Result<()> {
+    pub(super) fn run_revert(self: &Arc<Self>, _closed: &Closed<'_>, seq: u64, start: u64) -> Result<()> {
         let id = {
             let st = self.state_read();
             Uuid::from_bytes(st.snapshots.get(&seq).map(|s| s.id).ok_or(Error::Corrupt {
@@ -111,7 +113,7 @@ impl Inner {
                     // snapshots and show it as changed in every diff.
                     self.origin.read_at(&mut live[..len], off)?;
                     if live[..len] != buf[..len] {
-                        self.write_locked(Payload::Data(&buf[..len]), off)?;
+                        self.write_locked(Payload::Data(&buf[..len]), off, false)?;
                     }
                 }
             }
