@@ -113,8 +113,10 @@ fn open_inner(img: &Path, mode: OpenMode, resolve: bool) -> Result<Volume> {
         open_device(img, &OpenOptions::new())
     })?);
     let diff: Arc<dyn BlockDevice> = Arc::new(
+        // Chunk copies go out unbuffered (see `FileImage::with_direct_writes`).
         waiting_out_brief_use(|| FileImage::open(&diff_path))
-            .with_context(|| format!("opening shadow storage {}", diff_path.display()))?,
+            .with_context(|| format!("opening shadow storage {}", diff_path.display()))?
+            .with_direct_writes(),
     );
     // Checked before opening: recovery writes, and a refusal changes nothing.
     if let Ok((id, now)) = Volume::peek(&*diff) {

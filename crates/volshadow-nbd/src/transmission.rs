@@ -21,7 +21,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::Scope;
 
 use tracing::warn;
-use volshadow_block::{BlockDevice, Extent};
+use volshadow_block::{AlignedBuf, BlockDevice, BufferPool, Extent};
 
 use crate::export::{CONTEXT_ID_ALLOCATION, Error, Export};
 use crate::proto::*;
@@ -29,6 +29,8 @@ use crate::proto::*;
 /// Read buffers and write payloads held for in-flight requests of one
 /// connection. One request larger than this still runs, alone.
 const MAX_IN_FLIGHT_BYTES: u64 = 16 << 20;
+/// Largest payload buffer kept for reuse (larger requests allocate).
+const POOLED_MAX: usize = 4 << 20;
 
 /// What the handshake settled for the connection.
 pub(crate) struct Negotiated {
@@ -56,6 +58,7 @@ pub(crate) fn run<R: Read + Send, W: Write + Send>(
         reader: Mutex::new(Reader { rd, end: None }),
         wr: Mutex::new(wr),
         budget: Budget::default(),
+        buffers: BufferPool::new(workers + 2, POOLED_MAX),
         workers,
         started: AtomicUsize::new(1),
         waiting: AtomicUsize::new(0),
@@ -86,7 +89,7 @@ struct Reader<'a, R> {
 struct Job {
     req: Request,
     /// The write payload for WRITE, empty otherwise.
-    data: Vec<u8>,
+    data: AlignedBuf,
     /// Bytes taken from the budget, given back after the reply.
     charged: u64,
 }
@@ -99,6 +102,8 @@ struct Connection<'a, R, W: Write> {
     reader: Mutex<Reader<'a, R>>,
     wr: Mutex<BufWriter<W>>,
     budget: Budget,
+    /// Payload buffers, reused so requests neither allocate nor zero one.
+    buffers: BufferPool,
     /// Most workers to run, the calling thread included.
     workers: usize,
     /// Workers started, the calling thread included.
@@ -154,7 +159,8 @@ impl<'a, R: Read + Send, W: Write + Send> Connection<'a, R, W> {
             {
                 scope.spawn(move || self.work(scope));
             }
-            let sent = self.handle(&job.req, job.data);
+            let sent = self.handle(&job.req, &job.data);
+            self.buffers.give(job.data);
             self.budget.give_back(job.charged);
             if let Err(e) = sent {
                 let mut first = lock(&self.send_error);
@@ -188,9 +194,9 @@ impl<'a, R: Read + Send, W: Write + Send> Connection<'a, R, W> {
             _ => 0,
         };
         let charged = self.budget.take(payload);
-        let mut data = Vec::new();
+        let mut data = self.buffers.take(0);
         if req.kind == CMD_WRITE {
-            data = vec![0u8; req.length as usize];
+            data.resize(req.length as usize);
             if let Err(e) = rd.read_exact(&mut data) {
                 self.budget.give_back(charged);
                 return Err(e.into());
@@ -199,7 +205,7 @@ impl<'a, R: Read + Send, W: Write + Send> Connection<'a, R, W> {
         Ok(Some(Job { req, data, charged }))
     }
 
-    fn handle(&self, req: &Request, data: Vec<u8>) -> io::Result<()> {
+    fn handle(&self, req: &Request, data: &[u8]) -> io::Result<()> {
         let dev = &*self.export.device;
         let in_range = req
             .offset
@@ -217,7 +223,7 @@ impl<'a, R: Read + Send, W: Write + Send> Connection<'a, R, W> {
         match req.kind {
             CMD_WRITE if self.read_only => self.error(req, EPERM, "read-only export"),
             CMD_WRITE if !in_range => self.error(req, EINVAL, "write past the end"),
-            CMD_WRITE => self.finish(req, fua(dev.write_at(&data, req.offset))),
+            CMD_WRITE => self.finish(req, fua(dev.write_at(data, req.offset))),
             CMD_READ => self.read(req, dev, in_range),
             CMD_FLUSH => self.finish(req, dev.flush()),
             CMD_TRIM | CMD_WRITE_ZEROES if self.read_only => {
@@ -249,12 +255,18 @@ impl<'a, R: Read + Send, W: Write + Send> Connection<'a, R, W> {
         if req.length > MAX_PAYLOAD || !in_range {
             return self.error(req, EINVAL, "read out of range or too large");
         }
-        let mut data = vec![0u8; req.length as usize];
+        let mut data = self.buffers.take(req.length as usize);
         if let Err(e) = dev.read_at(&mut data, req.offset) {
             return self.error(req, errno(&e), &e.to_string());
         }
+        let sent = self.send_read(req, &data);
+        self.buffers.give(data);
+        sent
+    }
+
+    fn send_read(&self, req: &Request, data: &[u8]) -> io::Result<()> {
         if !self.structured {
-            return self.simple_reply(req.cookie, 0, &data);
+            return self.simple_reply(req.cookie, 0, data);
         }
         let mut wr = lock(&self.wr);
         if data.is_empty() {
@@ -265,7 +277,7 @@ impl<'a, R: Read + Send, W: Write + Send> Connection<'a, R, W> {
                 req.cookie,
                 REPLY_FLAG_DONE,
                 REPLY_TYPE_OFFSET_DATA,
-                &[&req.offset.to_be_bytes(), &data],
+                &[&req.offset.to_be_bytes(), data],
             )?;
         }
         wr.flush()
