@@ -132,7 +132,11 @@ impl Held {
         while q.finished < upto {
             q = self.wait(q);
         }
-        if q.lost { Err(Error::NeedsRecovery) } else { Ok(()) }
+        if q.lost {
+            Err(Error::NeedsRecovery)
+        } else {
+            Ok(())
+        }
     }
 
     /// The held ranges overlapping `offset..offset + len`, oldest first.

@@ -105,6 +105,19 @@ impl std::fmt::Debug for Inner {
 
 /// A volume: the origin device behind the copy-on-write layer, with its
 /// diff area. Cloning is cheap and shares the volume.
+///
+/// # Durability
+///
+/// As for any [`BlockDevice`]: a write (`write_at`, `discard`) that has
+/// returned is seen by every later read, and is durable once a `flush`
+/// called after it returns. A first write after a persistent snapshot may
+/// return before its new data reaches the origin: the data is held in
+/// memory (bounded) until the copies of the old data are durable, then
+/// written, so no crash can leave the origin overwritten without its copy.
+/// `flush`, snapshot creation and [`close`](Self::close) wait for held
+/// writes; the last handle's drop applies them. Should the diff area fail
+/// while writes are held, they are lost and the volume fails: writes,
+/// flushes and live reads return errors until it is reopened.
 #[derive(Debug, Clone)]
 pub struct Volume {
     pub(crate) inner: Arc<Inner>,

@@ -91,7 +91,12 @@ impl Volume {
 
 impl Inner {
     /// Writes snapshot `seq`'s contents over the origin from chunk `start`.
-    pub(super) fn run_revert(self: &Arc<Self>, _closed: &Closed<'_>, seq: u64, start: u64) -> Result<()> {
+    pub(super) fn run_revert(
+        self: &Arc<Self>,
+        _closed: &Closed<'_>,
+        seq: u64,
+        start: u64,
+    ) -> Result<()> {
         let id = {
             let st = self.state_read();
             Uuid::from_bytes(st.snapshots.get(&seq).map(|s| s.id).ok_or(Error::Corrupt {

@@ -24,7 +24,9 @@
 //! operation is, depends on scheduling. One seed in four runs its writers
 //! in lockstep instead (a seeded turn order, one operation at a time): the
 //! same operations in the same order every run, so its crash points
-//! reproduce (freed slots come back in a fixed order).
+//! reproduce (freed slots come back in a fixed order) up to the engine's
+//! applier thread, which writes held first writes to the origin after
+//! their copies' flush, on its own time.
 //!
 //! The model asserts only what holds for every interleaving:
 //!
