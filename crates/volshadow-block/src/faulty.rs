@@ -16,6 +16,7 @@
 //! A failed operation has no effect at all.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::{BlockDevice, Error, Op, Result, check_range};
@@ -156,6 +157,9 @@ struct State {
 pub struct FaultyDevice<D> {
     inner: D,
     state: Mutex<State>,
+    /// Accepts `clone_from` (as a write of the source's bytes), like a
+    /// file system that shares extents.
+    clones: AtomicBool,
 }
 
 impl<D: BlockDevice> FaultyDevice<D> {
@@ -164,7 +168,16 @@ impl<D: BlockDevice> FaultyDevice<D> {
         FaultyDevice {
             inner,
             state: Mutex::new(State::default()),
+            clones: AtomicBool::new(false),
         }
+    }
+
+    /// Makes `clone_from` succeed, the way a clone on XFS or btrfs
+    /// behaves: the source's bytes as they read now become an unflushed
+    /// write here (lost, kept, torn or reordered by a power cut like any
+    /// write). Off by default: the device cannot clone.
+    pub fn set_clones(&self, yes: bool) {
+        self.clones.store(yes, Ordering::Relaxed);
     }
 
     /// The durable contents.
@@ -349,6 +362,23 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
             }
         }
         Ok(())
+    }
+
+    fn clone_from(
+        &self,
+        src: &dyn BlockDevice,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<bool> {
+        if !self.clones.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        check_range(self, Op::Write, offset, len)?;
+        let mut bytes = vec![0u8; len as usize];
+        src.read_at(&mut bytes, src_offset)?;
+        self.write_at(&bytes, offset)?;
+        Ok(true)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

@@ -259,6 +259,33 @@ impl BlockDevice for FileImage {
         sys::identity(&self.file)
     }
 
+    /// `FICLONERANGE` from `src`'s file where both ranges are whole
+    /// file-system blocks on one file system that shares extents.
+    fn clone_from(
+        &self,
+        src: &dyn BlockDevice,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<bool> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                device: self.name(),
+            });
+        }
+        check_range(self, Op::Write, offset, len)?;
+        check_range(src, Op::Read, src_offset, len)?;
+        let Some(from) = src.file() else {
+            return Ok(false);
+        };
+        sys::clone_range(from, src_offset, &self.file, offset, len)
+            .map_err(|source| Error::io(&self.name(), Op::Write, offset, source))
+    }
+
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
     fn name(&self) -> String {
         self.path.display().to_string()
     }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::{Error, Op, Result, sys};
+use crate::{BlockDevice, Error, Op, Result, sys};
 
 fn path_err(path: &Path, op: Op) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Path {
@@ -40,4 +40,37 @@ pub fn reflink_file(src: &Path, dst: &Path) -> Result<()> {
         return Err(path_err(dst, Op::Write)(e));
     }
     Ok(())
+}
+
+/// Whether a file in `dir` can share extents with `src` (`FICLONERANGE`:
+/// XFS with reflink, btrfs, on the same file system): what a diff area in
+/// `dir` would do with its copies. Probes by cloning `src`'s first block
+/// into a scratch file in `dir`, removed again; `false` for devices that
+/// are no file, or anything smaller than a block.
+pub fn probe_extent_clones(src: &dyn BlockDevice, dir: &Path) -> bool {
+    const BLOCK: u64 = 4096;
+    let Some(from) = src.file() else {
+        return false;
+    };
+    if src.len() < BLOCK {
+        return false;
+    }
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let scratch = dir.join(format!(
+        ".volshadow-clone-probe-{}-{nonce}",
+        std::process::id()
+    ));
+    let Ok(to) = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&scratch)
+    else {
+        return false;
+    };
+    let cloned = sys::clone_range(from, 0, &to, 0, BLOCK).unwrap_or(false);
+    drop(to);
+    let _ = std::fs::remove_file(&scratch);
+    cloned
 }

@@ -63,7 +63,7 @@ mod faulty;
 pub use align::{AlignedBuf, BufferPool};
 pub use error::{Error, Op, Result};
 pub use file::FileImage;
-pub use fsops::{freeze_filesystem, reflink_file, thaw_filesystem};
+pub use fsops::{freeze_filesystem, probe_extent_clones, reflink_file, thaw_filesystem};
 pub use mem::MemDevice;
 pub use open::{DeviceKind, OpenOptions, device_kind, open_device};
 pub use raw::RawVolume;
@@ -182,6 +182,31 @@ pub trait BlockDevice: Send + Sync {
         None
     }
 
+    /// Makes `len` bytes at `offset` of this device hold `src`'s bytes at
+    /// `src_offset`, as if read from `src` now and written here: durable
+    /// after a later `flush` of this device, like a write. Devices that can
+    /// share the extents instead of copying (a [`FileImage`] on XFS or
+    /// btrfs, from another file image on the same file system) do so and
+    /// return `true`; the default does nothing and returns `false`, and
+    /// the caller copies the bytes itself.
+    fn clone_from(
+        &self,
+        src: &dyn BlockDevice,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<bool> {
+        let _ = (src, src_offset, offset, len);
+        Ok(false)
+    }
+
+    /// The open file behind this device, if it is one (a file image, a
+    /// raw volume): what [`clone_from`](Self::clone_from) shares extents
+    /// with.
+    fn file(&self) -> Option<&std::fs::File> {
+        None
+    }
+
     /// True for devices that refuse writes.
     fn is_read_only(&self) -> bool {
         false
@@ -216,6 +241,8 @@ macro_rules! forward_block_device {
             fn identity(&self) -> Option<[u8; 32]> { (**self).identity() }
             fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> { (**self).write_zeroes(offset, len) }
             fn allocation(&self, offset: u64, len: u64) -> Result<Option<Vec<Extent>>> { (**self).allocation(offset, len) }
+            fn clone_from(&self, src: &dyn BlockDevice, src_offset: u64, offset: u64, len: u64) -> Result<bool> { (**self).clone_from(src, src_offset, offset, len) }
+            fn file(&self) -> Option<&std::fs::File> { (**self).file() }
             fn name(&self) -> String { (**self).name() }
         }
     )*};

@@ -230,6 +230,10 @@ impl BlockDevice for RawVolume {
         sys::identity(&self.file)
     }
 
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
     fn name(&self) -> String {
         self.path.display().to_string()
     }

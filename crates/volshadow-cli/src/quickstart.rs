@@ -50,6 +50,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
         "volshadow add shadowstorage --for disk.img --on disk.diff --maxsize 32M",
     );
     let diff_dev = Arc::new(FileImage::create(&diff, 40 << 20)?);
+    let clones = crate::storage::probe_clones(&*origin, &diff);
     let vol = Volume::create(
         origin,
         diff_dev,
@@ -58,7 +59,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
             ..Default::default()
         },
     )?;
-    crate::storage::write_binding(&img, &diff, vol.id())?;
+    crate::storage::write_binding(&img, &diff, vol.id(), clones)?;
 
     step(
         "Write 8 MiB of data",

@@ -26,6 +26,20 @@ pub struct Binding {
     /// The diff area's superblock generation after its last open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
+    /// Whether the diff area's file system shares extents with the image
+    /// (copies are extent clones), probed when the pair was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extent_clones: Option<bool>,
+}
+
+/// Whether a diff area at `diff` can clone `origin`'s extents (probed in
+/// its directory).
+pub fn probe_clones(origin: &dyn BlockDevice, diff: &Path) -> bool {
+    let dir = match diff.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    volshadow_block::probe_extent_clones(origin, dir)
 }
 
 /// `IMG.vshadow`.
@@ -59,7 +73,7 @@ pub fn read_binding(img: &Path) -> Result<(Binding, PathBuf)> {
     Ok((b, diff))
 }
 
-pub fn write_binding(img: &Path, diff: &Path, volume_id: Uuid) -> Result<()> {
+pub fn write_binding(img: &Path, diff: &Path, volume_id: Uuid, extent_clones: bool) -> Result<()> {
     let path = binding_path(img);
     let dir = path.parent().unwrap_or(Path::new("."));
     let dir_abs = std::fs::canonicalize(if dir.as_os_str().is_empty() {
@@ -79,6 +93,7 @@ pub fn write_binding(img: &Path, diff: &Path, volume_id: Uuid) -> Result<()> {
             diff: rel,
             volume_id,
             generation: None,
+            extent_clones: Some(extent_clones),
         },
     )
 }

@@ -220,6 +220,77 @@ pub(crate) fn reflink(_src: &File, _dst: &File) -> io::Result<()> {
     ))
 }
 
+/// `FICLONERANGE`: makes `len` bytes at `dst_offset` of `dst` share the
+/// extents of `src` at `src_offset` (btrfs, xfs with reflink). `Ok(false)`
+/// where the file systems cannot (another file system, no reflink,
+/// unaligned range, not Linux): nothing was changed and the caller copies.
+#[cfg(target_os = "linux")]
+pub(crate) fn clone_range(
+    src: &File,
+    src_offset: u64,
+    dst: &File,
+    dst_offset: u64,
+    len: u64,
+) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+
+    use rustix::io::Errno;
+    use rustix::ioctl::{Setter, ioctl, opcode};
+    /// `struct file_clone_range` of <linux/fs.h>.
+    #[repr(C)]
+    struct FileCloneRange {
+        src_fd: i64,
+        src_offset: u64,
+        src_length: u64,
+        dest_offset: u64,
+    }
+    // FICLONERANGE = _IOW(0x94, 13, struct file_clone_range).
+    const FICLONERANGE: rustix::ioctl::Opcode = opcode::write::<FileCloneRange>(0x94, 13);
+    if len == 0 {
+        // A zero length means "to the end of the source" to the kernel.
+        return Ok(true);
+    }
+    let arg = FileCloneRange {
+        src_fd: i64::from(src.as_raw_fd()),
+        src_offset,
+        src_length: len,
+        dest_offset: dst_offset,
+    };
+    // SAFETY: FICLONERANGE reads exactly one `struct file_clone_range`,
+    // whose layout `FileCloneRange` repeats (four 64-bit fields); the
+    // Setter passes a pointer to `arg`, which lives across the call; `dst`
+    // and `src` are open descriptors borrowed for the call.
+    match unsafe { ioctl(dst, Setter::<FICLONERANGE, FileCloneRange>::new(arg)) } {
+        Ok(()) => Ok(true),
+        Err(e)
+            if [
+                Errno::XDEV,
+                Errno::OPNOTSUPP,
+                Errno::INVAL,
+                Errno::NOTTY,
+                Errno::BADF,
+                Errno::PERM,
+                Errno::ISDIR,
+            ]
+            .contains(&e) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn clone_range(
+    _src: &File,
+    _src_offset: u64,
+    _dst: &File,
+    _dst_offset: u64,
+    _len: u64,
+) -> io::Result<bool> {
+    Ok(false)
+}
+
 /// Identity of an open file: kind 1 (regular file: device, inode) or 2
 /// (block device: its device number).
 pub(crate) fn identity(file: &File) -> Option<[u8; 32]> {

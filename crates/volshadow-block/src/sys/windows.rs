@@ -324,6 +324,18 @@ pub(crate) fn reflink(_src: &File, _dst: &File) -> io::Result<()> {
     ))
 }
 
+/// Extent clones of a range (ReFS `FSCTL_DUPLICATE_EXTENTS_TO_FILE`) are
+/// not wired up: the caller copies.
+pub(crate) fn clone_range(
+    _src: &File,
+    _src_offset: u64,
+    _dst: &File,
+    _dst_offset: u64,
+    _len: u64,
+) -> io::Result<bool> {
+    Ok(false)
+}
+
 /// Identity of an open file or volume: kind 3, the volume serial number
 /// and the file index (both fixed for the life of the file).
 pub(crate) fn identity(file: &File) -> Option<[u8; 32]> {

@@ -29,8 +29,9 @@ pub(crate) fn rebind(volume: &Path, on: Option<&Path>) -> Result<()> {
             let d: Arc<dyn BlockDevice> = Arc::new(
                 FileImage::open(diff).with_context(|| format!("opening {}", diff.display()))?,
             );
+            let clones = storage::probe_clones(&*origin, diff);
             let vol = Volume::open_with(origin, d, OpenMode::Rebind)?;
-            storage::write_binding(volume, diff, vol.id())?;
+            storage::write_binding(volume, diff, vol.id(), clones)?;
             vol
         }
         None => storage::open_volume_with(volume, OpenMode::Rebind)?,

@@ -78,7 +78,22 @@ pub(crate) fn add(img: &Path, diff: &Path, spec: StorageSpec, policy: &PolicyArg
         ops::human_size(maxsize)
     );
     print!("{}", ops::render_usage(&vol.usage()));
+    let (binding, _) = storage::read_binding(img)?;
+    println!("{}", copies_line(binding.extent_clones));
     Ok(())
+}
+
+/// How the diff area takes its copies, for `add` and `list`.
+fn copies_line(extent_clones: Option<bool>) -> &'static str {
+    match extent_clones {
+        Some(true) => {
+            "   Copies: extent clones (the file system shares extents between the image and the shadow storage)"
+        }
+        Some(false) => {
+            "   Copies: written (the file system cannot share extents between the image and the shadow storage)"
+        }
+        None => "   Copies: not probed (shadow storage added by an older version)",
+    }
 }
 
 /// A new diff area for `img` and the binding that pairs them; every check
@@ -147,6 +162,7 @@ pub(crate) fn create_storage(
         let _ = std::fs::remove_file(diff);
         return Err(e.context(format!("preallocating {}", diff.display())));
     }
+    let clones = storage::probe_clones(&*origin, diff);
     let diff_dev: Arc<dyn BlockDevice> = Arc::new(created);
     let options = VolumeOptions {
         chunk_size: chunk,
@@ -162,7 +178,7 @@ pub(crate) fn create_storage(
             return Err(e.into());
         }
     };
-    storage::write_binding(img, diff, vol.id())?;
+    storage::write_binding(img, diff, vol.id(), clones)?;
     Ok(vol)
 }
 
@@ -182,10 +198,14 @@ pub(crate) fn list(volume: Option<PathBuf>, json: bool) -> Result<()> {
         auto_deleted: u64,
         /// Whether a running `serve` answered (and `auto_deleted` counts).
         served: bool,
+        /// Whether copies are extent clones (probed at `add shadowstorage`;
+        /// absent for storage added before the probe existed).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        extent_clones: Option<bool>,
     }
     let mut rows = Vec::new();
     for img in images {
-        let (_, diff) = storage::read_binding(&img)?;
+        let (binding, diff) = storage::read_binding(&img)?;
         let mut session = Session::new(&img);
         let (reply, _) = session.call(&Request::Usage, &[])?;
         if let Reply::Usage {
@@ -199,6 +219,7 @@ pub(crate) fn list(volume: Option<PathBuf>, json: bool) -> Result<()> {
                 usage,
                 auto_deleted,
                 served: session.served(),
+                extent_clones: binding.extent_clones,
             });
         }
     }
@@ -214,6 +235,7 @@ pub(crate) fn list(volume: Option<PathBuf>, json: bool) -> Result<()> {
                 r.shadow_storage.display()
             );
             print!("{}", ops::render_usage(&r.usage));
+            println!("{}", copies_line(r.extent_clones));
             if r.served {
                 println!(
                     "   Deleted to make room: {} (since `volshadow serve` started)",

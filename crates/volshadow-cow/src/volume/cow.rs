@@ -119,6 +119,26 @@ impl Inner {
         };
         let write_data = || {
             runs(&slots).try_for_each(|(i, j)| {
+                let (first, last) = (todo[i], todo[j - 1]);
+                // Where the diff area can share the origin's extents (XFS,
+                // btrfs), a run of whole chunks contiguous in both is
+                // cloned, not written: the old data stays written once.
+                if self.clones.load(Ordering::Relaxed)
+                    && last - first == (j - i - 1) as u64
+                    && (last + 1) << self.geo.shift <= self.geo.origin_len
+                {
+                    let (off, _) = self.geo.chunk_range(first);
+                    let len = ((j - i) * cs) as u64;
+                    if self.diff.clone_from(
+                        &*self.origin,
+                        off,
+                        self.geo.slot_offset(slots[i]),
+                        len,
+                    )? {
+                        return Ok(());
+                    }
+                    self.clones.store(false, Ordering::Relaxed);
+                }
                 self.diff
                     .write_at(&data[i * cs..j * cs], self.geo.slot_offset(slots[i]))
             })

@@ -78,6 +78,9 @@ pub(crate) struct Inner {
     held: Held,
     /// Buffers for chunk copies.
     buffers: BufferPool,
+    /// Copies are tried as extent clones (`BlockDevice::clone_from`) until
+    /// the diff area first says it cannot.
+    clones: AtomicBool,
     max_snapshots: AtomicU64,
     /// Snapshots the delete-oldest policy removed, not yet reported.
     auto_deleted: Mutex<Vec<SnapshotInfo>>,
@@ -407,6 +410,7 @@ impl Volume {
             failed: AtomicBool::new(false),
             held: Held::default(),
             buffers: BufferPool::new(COPY_BUFFERS_KEPT, COPY_BUFFER_MAX),
+            clones: AtomicBool::new(true),
             max_snapshots: AtomicU64::new(DEFAULT_MAX_SNAPSHOTS as u64),
             auto_deleted: Mutex::new(Vec::new()),
             auto_deleted_total: AtomicU64::new(0),

@@ -107,6 +107,18 @@ impl BlockDevice for Powered {
         }
         self.dev.discard(offset, len)
     }
+    fn clone_from(
+        &self,
+        src: &dyn BlockDevice,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> volshadow_block::Result<bool> {
+        if !self.rail.tick() {
+            return Err(self.dead());
+        }
+        self.dev.clone_from(src, src_offset, offset, len)
+    }
     fn name(&self) -> String {
         self.dev.name()
     }
@@ -127,6 +139,14 @@ impl PowerRig {
             diff: Arc::new(FaultyDevice::new(MemDevice::new(diff_len))),
             rail: Arc::new(Rail::default()),
         }
+    }
+
+    /// Lets the diff area take copies as extent clones (as on XFS or
+    /// btrfs): a clone is an unflushed write of the origin's bytes as they
+    /// read at that moment, so the harness checks its ordering too.
+    pub fn with_clones(self, yes: bool) -> Self {
+        self.diff.set_clones(yes);
+        self
     }
 
     /// The two devices as the engine sees them (through the rail).
