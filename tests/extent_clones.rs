@@ -19,7 +19,8 @@ use common::*;
 /// An XFS file system with reflink on a loop device over a sparse file,
 /// unmounted and removed on drop.
 struct Xfs {
-    dir: tempfile::TempDir,
+    /// Holds the backing file; removed after the unmount in `drop`.
+    _dir: tempfile::TempDir,
     mnt: PathBuf,
 }
 
@@ -57,7 +58,7 @@ impl Xfs {
             eprintln!("SKIP: could not loop-mount an XFS file system here");
             return None;
         }
-        Some(Xfs { dir, mnt })
+        Some(Xfs { _dir: dir, mnt })
     }
 }
 
