@@ -260,15 +260,20 @@ impl Inner {
         if len == 0 {
             return Ok(());
         }
+        if !may_hold && !self.held.is_empty() {
+            // A caller that needs its write in the origin on return (revert)
+            // lets every held write go first.
+            self.held.wait_finished(self.held.queued())?;
+        }
         let first = offset >> self.geo.shift;
         let last = (offset + len - 1) >> self.geo.shift;
         let chunks = (first, last);
         if self.newest.load(Ordering::Acquire) == 0 {
-            return self.write_behind_held(payload, offset, chunks);
+            return self.write_behind_held(payload, offset, chunks, may_hold);
         }
         let need: Vec<u64> = (first..=last).filter(|&c| !self.preserved.get(c)).collect();
         if need.is_empty() {
-            return self.write_behind_held(payload, offset, chunks);
+            return self.write_behind_held(payload, offset, chunks, may_hold);
         }
         let _guards = self.lock_stripes(need.iter().copied());
         // Re-check under the stripe locks: another writer may have copied.
@@ -293,18 +298,20 @@ impl Inner {
         for c in fresh {
             self.preserved.set(c);
         }
-        self.write_behind_held(payload, offset, chunks)
+        self.write_behind_held(payload, offset, chunks, may_hold)
     }
 
     /// Writes the origin, unless the write touches a chunk of a held write:
-    /// then it is held behind it, keeping their order.
+    /// then it is held behind it, keeping their order. (Without `may_hold`
+    /// the caller waited for held writes before it started.)
     fn write_behind_held(
         self: &Arc<Self>,
         payload: Payload<'_>,
         offset: u64,
         chunks: (u64, u64),
+        may_hold: bool,
     ) -> Result<()> {
-        if !self.held.is_empty() && self.hold(payload, offset, chunks, None)? {
+        if may_hold && !self.held.is_empty() && self.hold(payload, offset, chunks, None)? {
             return Ok(());
         }
         self.write_origin(payload, offset)

@@ -94,6 +94,9 @@ pub(super) struct Overlay {
 #[derive(Debug, Default)]
 pub(super) struct Held {
     queue: Mutex<Queue>,
+    /// Held by whoever applies a batch (the applier thread, or a writer
+    /// when no thread could be started): batches never overlap.
+    applying: Mutex<()>,
     changed: Condvar,
     /// Entries held now; 0 lets reads and writes skip the lock.
     count: AtomicUsize,
@@ -293,6 +296,11 @@ impl Inner {
     /// Applies every entry held now: one group-commit flush covers all
     /// their copies, then their data goes to the origin in order.
     fn apply_batch(&self) {
+        let _applying = self
+            .held
+            .applying
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let (batch, owed) = {
             let q = self.held.lock();
             let batch: Vec<(u64, u64, Contents)> = q
