@@ -78,23 +78,22 @@ fn copies_line(out: &str) -> &str {
 
 /// Image with random data, shadow storage, a shadow copy, then new data
 /// over most of it; returns (the old bytes, the shadow copy's id).
-fn scenario(dir: &Path) -> (Vec<u8>, String, String) {
+fn scenario(dir: &Path, extra: &[&str]) -> (Vec<u8>, String, String) {
     const SIZE: usize = 32 << 20;
     let mut model = random_bytes(SIZE, 1);
     std::fs::write(dir.join("disk.img"), &model).unwrap();
-    let added = vs(
-        dir,
-        &[
-            "add",
-            "shadowstorage",
-            "--for",
-            "disk.img",
-            "--on",
-            "disk.diff",
-            "--maxsize",
-            "32M",
-        ],
-    );
+    let mut args = vec![
+        "add",
+        "shadowstorage",
+        "--for",
+        "disk.img",
+        "--on",
+        "disk.diff",
+        "--maxsize",
+        "32M",
+    ];
+    args.extend_from_slice(extra);
+    let added = vs(dir, &args);
     let id = shadow_create(dir);
     let old = model.clone();
     // Unaligned, across many chunks, in two writes.
@@ -148,7 +147,7 @@ fn exported(dir: &Path, id: &str) -> Vec<u8> {
 fn shadow_storage_on_xfs_clones_its_copies() {
     let Some(xfs) = Xfs::make() else { return };
     let dir = xfs.mnt.as_path();
-    let (old, id, added) = scenario(dir);
+    let (old, id, added) = scenario(dir, &[]);
     assert!(
         copies_line(&added).contains("extent clones"),
         "add shadowstorage: {added}"
@@ -189,7 +188,7 @@ fn shadow_storage_that_cannot_clone_says_its_copies_are_written() {
         );
         return;
     }
-    let (old, id, added) = scenario(dir.path());
+    let (old, id, added) = scenario(dir.path(), &[]);
     assert!(copies_line(&added).contains("written"), "{added}");
     let listed = json(
         dir.path(),
@@ -197,4 +196,16 @@ fn shadow_storage_that_cannot_clone_says_its_copies_are_written() {
     );
     assert_eq!(listed[0]["extent_clones"], serde_json::Value::Bool(false));
     assert!(exported(dir.path(), &id) == old);
+}
+
+#[test]
+fn no_extent_clones_on_xfs_writes_the_copies() {
+    let Some(xfs) = Xfs::make() else { return };
+    let dir = xfs.mnt.as_path();
+    let (old, id, added) = scenario(dir, &["--no-extent-clones"]);
+    assert!(copies_line(&added).contains("written"), "{added}");
+    assert!(exported(dir, &id) == old);
+    let diff = dir.join("disk.diff");
+    let frag = String::from_utf8(run("filefrag", &["-v", diff.to_str().unwrap()]).stdout).unwrap();
+    assert!(!frag.contains("shared"), "a copy was cloned:\n{frag}");
 }

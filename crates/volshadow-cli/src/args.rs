@@ -446,6 +446,12 @@ pub(crate) enum AddWhat {
         /// allocate blocks. Pays off for persistent shadow copies.
         #[arg(long)]
         preallocate: bool,
+        /// Never take copies as extent clones, even where the file system
+        /// could share extents (XFS, btrfs): a cloned chunk's next
+        /// overwrite allocates new blocks for the image, which can fail
+        /// on a full file system; without clones it is overwritten in place.
+        #[arg(long)]
+        no_extent_clones: bool,
         #[command(flatten)]
         policy: PolicyArgs,
     },

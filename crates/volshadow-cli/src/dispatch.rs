@@ -20,6 +20,7 @@ pub(crate) fn run(cmd: Command) -> Result<()> {
                     maxsize,
                     chunk_size,
                     preallocate,
+                    no_extent_clones,
                     policy,
                 },
         } => shadowstorage::add(
@@ -29,6 +30,7 @@ pub(crate) fn run(cmd: Command) -> Result<()> {
                 maxsize,
                 chunk_size,
                 preallocate,
+                extent_clones: !no_extent_clones,
             },
             &policy,
         ),

@@ -156,6 +156,11 @@ fn open_inner(img: &Path, mode: OpenMode, resolve: bool) -> Result<Volume> {
         }
     }
     let vol = Volume::open_with(origin, diff, mode)?;
+    // Off where the probe found the file system cannot share extents or
+    // the storage was added with --no-extent-clones.
+    if binding.extent_clones == Some(false) {
+        vol.set_extent_clones(false);
+    }
     if mode != OpenMode::Salvage {
         binding.volume_id = vol.id();
         binding.generation = Some(vol.generation());

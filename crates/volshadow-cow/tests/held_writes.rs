@@ -285,3 +285,23 @@ fn a_failed_copy_flush_fails_reads_instead_of_returning_stale_data() {
         Err(Error::NeedsRecovery)
     ));
 }
+
+#[test]
+fn close_applies_held_writes_before_it_closes() {
+    let g = gated(1 << 20, CHUNK);
+    fill(&g.vol, 100_000, 50_000, 0x77);
+    let diff = g.diff.clone();
+    let opener = std::thread::spawn(move || {
+        diff.wait_for_a_flush();
+        std::thread::sleep(Duration::from_millis(100));
+        diff.set_open(true);
+    });
+    g.vol.close().unwrap();
+    opener.join().unwrap();
+    let origin = read(&*g.origin, 0, 1 << 20);
+    assert!(origin[100_000..150_000].iter().all(|&b| b == 0x77));
+    assert!(origin[..100_000].iter().all(|&b| b == 0x11));
+    // Closed: later writes are refused, and close again is a no-op.
+    assert!(g.vol.write_at(&[1], 0).is_err());
+    g.vol.close().unwrap();
+}

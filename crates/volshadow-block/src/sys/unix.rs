@@ -223,7 +223,8 @@ pub(crate) fn reflink(_src: &File, _dst: &File) -> io::Result<()> {
 /// `FICLONERANGE`: makes `len` bytes at `dst_offset` of `dst` share the
 /// extents of `src` at `src_offset` (btrfs, xfs with reflink). `Ok(false)`
 /// where the file systems cannot (another file system, no reflink,
-/// unaligned range, not Linux): nothing was changed and the caller copies.
+/// unaligned range, no room or quota for the clone, not Linux): nothing
+/// was changed and the caller copies.
 #[cfg(target_os = "linux")]
 pub(crate) fn clone_range(
     src: &File,
@@ -271,6 +272,10 @@ pub(crate) fn clone_range(
                 Errno::BADF,
                 Errno::PERM,
                 Errno::ISDIR,
+                // No room for the clone's metadata: the caller writes the
+                // copy into space the diff area already has.
+                Errno::NOSPC,
+                Errno::DQUOT,
             ]
             .contains(&e) =>
         {

@@ -209,6 +209,7 @@ fn create_replica(img: &Path, header: &Header, new: &NewReplica) -> Result<Volum
                 maxsize: new.maxsize.unwrap_or(header.volume_len),
                 chunk_size: u64::from(header.chunk_size),
                 preallocate: false,
+                extent_clones: true,
             },
             &PolicyArgs {
                 on_full: None,

@@ -49,6 +49,8 @@ pub(crate) struct StorageSpec {
     pub(crate) maxsize: u64,
     pub(crate) chunk_size: u64,
     pub(crate) preallocate: bool,
+    /// Copies may be extent clones where the file system can share them.
+    pub(crate) extent_clones: bool,
 }
 
 /// Writes zeros over a whole new file so its blocks are allocated.
@@ -90,7 +92,7 @@ fn copies_line(extent_clones: Option<bool>) -> &'static str {
             "   Copies: extent clones (the file system shares extents between the image and the shadow storage)"
         }
         Some(false) => {
-            "   Copies: written (the file system cannot share extents between the image and the shadow storage)"
+            "   Copies: written (no extent clones: the file system cannot share extents between the image and the shadow storage, or --no-extent-clones)"
         }
         None => "   Copies: not probed (shadow storage added by an older version)",
     }
@@ -108,6 +110,7 @@ pub(crate) fn create_storage(
         maxsize,
         chunk_size,
         preallocate,
+        extent_clones,
     } = spec;
     let chunk = u32::try_from(chunk_size).context("chunk size too large")?;
     // The same bounds `resize` enforces, checked before any file is made.
@@ -162,7 +165,7 @@ pub(crate) fn create_storage(
         let _ = std::fs::remove_file(diff);
         return Err(e.context(format!("preallocating {}", diff.display())));
     }
-    let clones = storage::probe_clones(&*origin, diff);
+    let clones = extent_clones && storage::probe_clones(&*origin, diff);
     let diff_dev: Arc<dyn BlockDevice> = Arc::new(created);
     let options = VolumeOptions {
         chunk_size: chunk,

@@ -21,9 +21,12 @@
 //! - each held entry counts as a writer inside the gate until applied, so
 //!   closing the gate (snapshots, sets, revert, close) drains the queue;
 //! - memory is bounded: a writer waits while [`MAX_HELD_BYTES`] are held
-//!   (a single larger write is admitted alone);
-//! - after a failed flush or origin write, held entries are dropped, the
-//!   volume is failed, and live reads fail rather than return stale data.
+//!   or being copied (a single larger write is admitted alone);
+//! - after a failed flush or origin write (or a panic in the applier),
+//!   held entries are dropped, the volume is failed, and live reads fail
+//!   rather than return stale data;
+//! - writers are admitted in arrival order and copy their payload only
+//!   once admitted.
 //!
 //! [`BlockDevice`]: volshadow_block::BlockDevice
 
@@ -80,6 +83,9 @@ struct Queue {
     finished: u64,
     /// A held write was dropped: the volume has failed.
     lost: bool,
+    /// Admission tickets: handed out, and the one admitted next.
+    next_ticket: u64,
+    serving: u64,
     stopping: bool,
     applier: Option<JoinHandle<()>>,
 }
@@ -204,11 +210,11 @@ impl Held {
             self.changed.notify_all();
             q.applier.take()
         };
-        if let Some(h) = handle {
-            // The applier catches nothing; a panic in it is a bug shown here.
-            if let Err(p) = h.join() {
-                std::panic::resume_unwind(p);
-            }
+        // The applier catches its own panics, so joining cannot fail.
+        if let Some(h) = handle
+            && h.join().is_err()
+        {
+            tracing::error!("the applier of held writes ended abnormally");
         }
     }
 }
@@ -226,6 +232,10 @@ impl Inner {
         owed: Option<Owed>,
     ) -> Result<bool> {
         let held = &self.held;
+        let (len, bytes) = match payload {
+            Payload::Data(d) => (d.len() as u64, d.len()),
+            Payload::Discard(n) => (n, 0),
+        };
         let mut q = held.lock();
         if owed.is_none()
             && !q
@@ -235,26 +245,39 @@ impl Inner {
         {
             return Ok(false);
         }
-        let (contents, len) = match payload {
-            Payload::Data(d) => (Contents::Data(Arc::from(d)), d.len() as u64),
-            Payload::Discard(n) => (Contents::Discard, n),
-        };
-        let entry = Entry {
-            offset,
-            len,
-            chunks,
-            contents,
-            owed,
-        };
-        while !q.lost && q.bytes > 0 && q.bytes + entry.bytes() > MAX_HELD_BYTES {
+        // Admitted in arrival order (a large write is not passed by smaller
+        // ones), and only then is the payload copied: at most
+        // MAX_HELD_BYTES (or one larger write) are held or being copied.
+        let ticket = q.next_ticket;
+        q.next_ticket += 1;
+        while !q.lost && (q.serving != ticket || (q.bytes > 0 && q.bytes + bytes > MAX_HELD_BYTES))
+        {
             q = held.wait(q);
         }
         if q.lost {
             return Err(Error::NeedsRecovery);
         }
-        q.bytes += entry.bytes();
+        q.serving += 1;
+        q.bytes += bytes;
+        held.changed.notify_all();
+        drop(q);
+        let contents = match payload {
+            Payload::Data(d) => Contents::Data(Arc::from(d)),
+            Payload::Discard(_) => Contents::Discard,
+        };
+        let mut q = held.lock();
+        if q.lost {
+            q.bytes -= bytes;
+            return Err(Error::NeedsRecovery);
+        }
         q.queued += 1;
-        q.entries.push_back(entry);
+        q.entries.push_back(Entry {
+            offset,
+            len,
+            chunks,
+            contents,
+            owed,
+        });
         held.count.fetch_add(1, Ordering::AcqRel);
         self.gate.enter_detached();
         if q.applier.is_none() {
@@ -265,11 +288,16 @@ impl Inner {
             {
                 Ok(h) => q.applier = Some(h),
                 Err(e) => {
-                    // No thread to apply it: apply everything held now.
+                    // No thread to apply it: apply everything held now, and
+                    // report this write's fate.
                     tracing::warn!(error = %e, "no applier thread; applying held writes inline");
                     drop(q);
                     self.apply_batch();
-                    return Ok(true);
+                    return if held.lost() {
+                        Err(Error::NeedsRecovery)
+                    } else {
+                        Ok(true)
+                    };
                 }
             }
         }
@@ -289,8 +317,36 @@ impl Inner {
                     return;
                 }
             }
-            self.apply_batch();
+            let applied =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply_batch()));
+            if applied.is_err() {
+                // A bug, but no waiter may hang on it: what is held is
+                // lost and the volume fails, as after an I/O error.
+                let mut q = self.held.lock();
+                self.drop_held(&mut q, "the applier of held writes panicked");
+                return;
+            }
         }
+    }
+
+    /// Drops every held entry after a failure: the volume fails and live
+    /// reads fail from now on.
+    fn drop_held(&self, q: &mut Queue, why: &str) {
+        tracing::error!(
+            reason = why,
+            "held writes could not be applied; the volume fails"
+        );
+        self.failed.store(true, Ordering::Release);
+        q.lost = true;
+        self.held.lost.store(true, Ordering::Release);
+        let n = q.entries.len();
+        // Bytes reserved by writers still copying are theirs to give back.
+        let freed: usize = q.entries.drain(..).map(|e| e.bytes()).sum();
+        q.bytes -= freed;
+        q.finished += n as u64;
+        self.held.count.fetch_sub(n, Ordering::AcqRel);
+        self.gate.leave_detached(n);
+        self.held.changed.notify_all();
     }
 
     /// Applies every entry held now: one group-commit flush covers all
@@ -325,17 +381,13 @@ impl Inner {
             });
         }
         let mut q = self.held.lock();
-        let n = if let Err(e) = result {
-            // The writes were acknowledged; they are gone now. The volume
-            // fails and live reads fail from here on.
+        if let Err(e) = result {
+            // The writes were acknowledged; they are gone now.
             let e = self.fail(e);
-            tracing::error!(error = %e, "held writes could not be applied; the volume fails");
-            q.lost = true;
-            self.held.lost.store(true, Ordering::Release);
-            q.entries.len()
-        } else {
-            batch.len()
-        };
+            self.drop_held(&mut q, &e.to_string());
+            return;
+        }
+        let n = batch.len();
         let freed: usize = q.entries.drain(..n).map(|e| e.bytes()).sum();
         q.bytes -= freed;
         q.finished += n as u64;

@@ -351,10 +351,16 @@ impl Volume {
     /// last drop would). Later writes and changes fail; reads still work.
     pub fn close(&self) -> Result<()> {
         let inner = &self.inner;
-        if inner.doubts.is_some() || inner.closed.swap(true, Ordering::AcqRel) {
+        if inner.doubts.is_some() || inner.closed.load(Ordering::Acquire) {
             return Ok(());
         }
+        // Held writes first, without a time limit: they were acknowledged
+        // and live only in memory. Then the gate drains writers inside.
+        inner.held.wait_finished(inner.held.queued())?;
         let _closed = inner.gate.close(DEFAULT_HOLD)?;
+        if inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
         inner.origin.flush()?;
         if !inner.failed.load(Ordering::Acquire) {
             inner.state_write().journal.close()?;
@@ -432,6 +438,16 @@ impl Volume {
 
     pub fn chunk_size(&self) -> u32 {
         self.inner.geo.chunk as u32
+    }
+
+    /// Whether copies may be taken as extent clones where the diff area
+    /// can share the origin's extents (on by default; see
+    /// `BlockDevice::clone_from`). A cloned chunk's next overwrite makes
+    /// the origin's file system allocate new blocks (copy-on-write), so on
+    /// a file system that may run out of space, turning clones off keeps
+    /// overwrites of the origin in place.
+    pub fn set_extent_clones(&self, on: bool) {
+        self.inner.clones.store(on, Ordering::Relaxed);
     }
 
     /// Sets the most snapshots this volume keeps (VSS: 512).
@@ -620,6 +636,9 @@ impl BlockDevice for Volume {
     ) -> volshadow_block::Result<Option<Vec<volshadow_block::Extent>>> {
         check_range(self, Op::Query, offset, len)?;
         let held = self.inner.held.data_extents(offset, len);
+        if self.inner.held.lost() {
+            return Err(Error::NeedsRecovery.into_block(self.name()));
+        }
         let Some(mut map) = self.inner.origin.allocation(offset, len)? else {
             return Ok(None);
         };

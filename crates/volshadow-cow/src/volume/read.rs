@@ -50,13 +50,25 @@ impl Inner {
                     },
                 );
             } else {
-                match self.origin.allocation(lo, hi - lo)? {
-                    Some(exts) => {
-                        for e in exts {
-                            push_extent(&mut out, e);
-                        }
+                let Some(exts) = self.origin.allocation(lo, hi - lo)? else {
+                    return Ok(None);
+                };
+                // A writer may have preserved a chunk of the run and then
+                // discarded it in the origin since the lookup; it indexes
+                // the copy first, so looking again catches it, and the
+                // run is reported as data (always safe).
+                if (c..d).any(preserved) {
+                    push_extent(
+                        &mut out,
+                        Extent {
+                            offset: lo,
+                            len: hi - lo,
+                        },
+                    );
+                } else {
+                    for e in exts {
+                        push_extent(&mut out, e);
                     }
-                    None => return Ok(None),
                 }
             }
             c = d;
