@@ -26,6 +26,11 @@ pub struct FileImage {
     direct: Option<Direct>,
 }
 
+/// Smallest write sent unbuffered. Smaller ones stay in the page cache:
+/// an unbuffered write waits for the device every time, while cached small
+/// writes are written back together by the next flush.
+const DIRECT_MIN: usize = 128 << 10;
+
 #[derive(Debug)]
 struct Direct {
     file: File,
@@ -100,8 +105,8 @@ impl FileImage {
         })
     }
 
-    /// Writes whole aligned blocks (at least one file-system block, offset
-    /// and length multiples of it) through a second, unbuffered handle
+    /// Writes large aligned runs (at least 128 KiB, offset and length
+    /// multiples of the file-system block) through a second, unbuffered handle
     /// (`O_DIRECT`, Linux); other writes and every read stay buffered. For a diff area:
     /// its chunk copies are written once and rarely read back, and on many
     /// disks writing them unbuffered and flushing the device cache is
@@ -206,7 +211,7 @@ impl BlockDevice for FileImage {
         check_range(self, Op::Write, offset, buf.len() as u64)?;
         let io = |source| Error::io(&self.name(), Op::Write, offset, source);
         if let Some(d) = &self.direct
-            && !buf.is_empty()
+            && buf.len() >= DIRECT_MIN
             && is_aligned(0, offset, buf.len(), d.align)
         {
             if is_aligned(buf.as_ptr() as usize, offset, buf.len(), d.align) {

@@ -50,7 +50,7 @@ fn file_image_with_direct_writes_conforms_and_mixes_with_buffered_writes() {
     let mut rng = conformance::Rng::new(7);
     for i in 0..400u32 {
         let (off, n) = if i % 2 == 0 {
-            let blocks = 1 + rng.below(32) as usize;
+            let blocks = 1 + rng.below(64) as usize;
             let start = rng.below((len / 4096 - blocks) as u64) as usize;
             (start * 4096, blocks * 4096)
         } else {

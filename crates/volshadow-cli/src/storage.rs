@@ -128,7 +128,8 @@ fn open_inner(img: &Path, mode: OpenMode, resolve: bool) -> Result<Volume> {
         open_device(img, &OpenOptions::new())
     })?);
     let diff: Arc<dyn BlockDevice> = Arc::new(
-        // Chunk copies go out unbuffered (see `FileImage::with_direct_writes`).
+        // Large runs of chunk copies go out unbuffered (see
+        // `FileImage::with_direct_writes`).
         waiting_out_brief_use(|| FileImage::open(&diff_path))
             .with_context(|| format!("opening shadow storage {}", diff_path.display()))?
             .with_direct_writes(),
