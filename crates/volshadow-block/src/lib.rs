@@ -68,6 +68,12 @@ pub use mem::MemDevice;
 pub use open::{DeviceKind, OpenOptions, device_kind, open_device};
 pub use raw::RawVolume;
 
+/// Windows only: the named pipe a local control channel uses (owner-only
+/// security, first instance only, no remote clients) and the console's
+/// stop events.
+#[cfg(windows)]
+pub use sys::{PipeListener, PipeStream, on_console_stop};
+
 #[cfg(feature = "testing")]
 pub use faulty::{Fault, FaultAction, FaultError, FaultyDevice, OpKind, OpRecord, PowerCut};
 

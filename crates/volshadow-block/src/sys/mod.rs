@@ -10,3 +10,12 @@ pub(crate) use unix::*;
 mod windows;
 #[cfg(windows)]
 pub(crate) use windows::*;
+
+#[cfg(windows)]
+mod console;
+#[cfg(windows)]
+mod pipe;
+#[cfg(windows)]
+pub use console::on_console_stop;
+#[cfg(windows)]
+pub use pipe::{PipeListener, PipeStream};
