@@ -1,5 +1,7 @@
-//! The control socket of `volshadow serve`: other invocations hand their
-//! operation to the server holding the volume instead of opening it.
+//! The control channel of `volshadow serve`: other invocations hand their
+//! operation to the server holding the volume instead of opening it. The
+//! same protocol runs over a Unix socket or a Windows named pipe
+//! (`channel`).
 //!
 //! One request per connection (except a snapshot set's conversation,
 //! `member`): a JSON line, then `payload_len` raw bytes; the answer likewise (`{"ok": reply}` or `{"error": "..."}`, with the
@@ -8,26 +10,15 @@
 //! the request line, the payload and a read's length are bounded, so
 //! nothing a client sends can make the server allocate without limit.
 
-use std::path::{Path, PathBuf};
-
-use anyhow::Result;
-#[cfg(unix)]
-use anyhow::{anyhow, bail};
-#[cfg(unix)]
-use serde::{Deserialize, Serialize};
-#[cfg(unix)]
 use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
 
+use anyhow::{Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::channel::{self, Stream};
 use crate::ops::{Answer, Request};
 
-/// `IMG.vshadow.sock`: the control socket of a running `serve`.
-pub fn socket_path(img: &Path) -> PathBuf {
-    let mut s = img.as_os_str().to_owned();
-    s.push(".vshadow.sock");
-    PathBuf::from(s)
-}
-
-#[cfg(unix)]
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Envelope<T> {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -41,14 +32,11 @@ pub(crate) struct Envelope<T> {
 }
 
 /// Longest request line the server reads: requests are small JSON objects.
-#[cfg(unix)]
 pub(crate) const MAX_REQUEST_LINE: u64 = 64 << 10;
 /// Longest reply line a client reads (a diff of a large, fragmented volume
 /// lists many extents); a guard against a broken server, not a quota.
-#[cfg(unix)]
 pub(crate) const MAX_REPLY_LINE: u64 = 1 << 30;
 
-#[cfg(unix)]
 pub(crate) fn send<T: Serialize>(
     w: &mut impl Write,
     env: &Envelope<T>,
@@ -64,7 +52,6 @@ pub(crate) fn send<T: Serialize>(
 
 /// Reads one envelope: a line of at most `max_line` bytes, then a payload
 /// of at most [`crate::ops::MAX_PIECE`] bytes.
-#[cfg(unix)]
 pub(crate) fn receive<T: for<'de> Deserialize<'de>>(
     r: &mut impl BufRead,
     max_line: u64,
@@ -72,7 +59,7 @@ pub(crate) fn receive<T: for<'de> Deserialize<'de>>(
     let mut line = Vec::new();
     r.take(max_line).read_until(b'\n', &mut line)?;
     if line.is_empty() {
-        bail!("the control socket closed without a message");
+        bail!("the control channel closed without a message");
     }
     if line.last() != Some(&b'\n') {
         bail!("control message line longer than {max_line} bytes or cut short");
@@ -80,7 +67,7 @@ pub(crate) fn receive<T: for<'de> Deserialize<'de>>(
     let env: Envelope<T> = serde_json::from_slice(&line)?;
     if env.payload_len > crate::ops::MAX_PIECE {
         bail!(
-            "payload of {} bytes is more than the control socket's limit of {} bytes",
+            "payload of {} bytes is more than the control channel's limit of {} bytes",
             env.payload_len,
             crate::ops::MAX_PIECE
         );
@@ -94,12 +81,9 @@ pub(crate) fn receive<T: for<'de> Deserialize<'de>>(
 /// listening (none, or a stale socket file), so the caller opens the volume.
 /// A refused request is an answer too (`result` holds the error), so the
 /// shadow copies deleted meanwhile are still told.
-#[cfg(unix)]
 pub fn call(img: &Path, req: &Request, payload: &[u8]) -> Result<Option<Answer>> {
-    use std::os::unix::net::UnixStream;
-    let stream = match UnixStream::connect(socket_path(img)) {
-        Ok(s) => s,
-        Err(_) => return Ok(None),
+    let Some(stream) = channel::connect(img)? else {
+        return Ok(None);
     };
     let mut w = &stream;
     send(
@@ -128,18 +112,16 @@ pub fn call(img: &Path, req: &Request, payload: &[u8]) -> Result<Option<Answer>>
 
 /// A connection kept open for several requests: a snapshot set's
 /// conversation with a server.
-#[cfg(unix)]
 #[derive(Debug)]
 pub(crate) struct Connection {
-    stream: std::os::unix::net::UnixStream,
-    reader: BufReader<std::os::unix::net::UnixStream>,
+    stream: Stream,
+    reader: BufReader<Stream>,
 }
 
-#[cfg(unix)]
 impl Connection {
     /// `None` when no server holds `img`.
     pub(crate) fn open(img: &Path) -> Result<Option<Self>> {
-        let Ok(stream) = std::os::unix::net::UnixStream::connect(socket_path(img)) else {
+        let Some(stream) = channel::connect(img)? else {
             return Ok(None);
         };
         // A server that stops answering (stopped, wedged) must not keep
@@ -171,9 +153,4 @@ impl Connection {
             (None, None) => bail!("the server sent an empty answer"),
         }
     }
-}
-
-#[cfg(not(unix))]
-pub fn call(_img: &Path, _req: &Request, _payload: &[u8]) -> Result<Option<Answer>> {
-    Ok(None)
 }

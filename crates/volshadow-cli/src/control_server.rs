@@ -1,54 +1,49 @@
-//! The server side of the control socket: one thread per connection,
+//! The server side of the control channel: one thread per connection,
 //! bounded in number and idle time, each request carried out on the
 //! served volume (or, for `SetJoin`, a snapshot set's conversation).
 
-use std::path::Path;
-
-use anyhow::Result;
-#[cfg(unix)]
-use anyhow::{anyhow, bail};
-#[cfg(unix)]
 use std::io::BufReader;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-#[cfg(unix)]
-use crate::control::{Envelope, MAX_REQUEST_LINE, receive, send, socket_path};
-#[cfg(unix)]
+use anyhow::{Result, bail};
+
+use crate::channel::{Listener, Stream};
+use crate::control::{Envelope, MAX_REQUEST_LINE, receive, send};
 use crate::ops::Request;
 use crate::report::Reporter;
 
 /// Control connections served at once; more get "busy" rather than a
 /// thread and a buffer each.
-#[cfg(unix)]
 const MAX_CONNECTIONS: usize = 32;
 /// A client that sends nothing for this long is dropped, so idle
 /// connections cannot hold every slot.
-#[cfg(unix)]
 const IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Pause after a failed accept.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Serves control requests for the reporter's volume (image `img`) until
 /// the process ends.
-#[cfg(unix)]
-pub fn serve(img: &Path, reporter: std::sync::Arc<Reporter>) -> Result<()> {
-    use std::os::unix::net::{UnixListener, UnixStream};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let socket = &socket_path(img);
+pub fn serve(img: &Path, reporter: Arc<Reporter>) -> Result<()> {
     let sets = Arc::new(crate::member::SetsInProgress::new(
         img,
         reporter.volume().clone(),
     ));
-    if UnixStream::connect(socket).is_ok() {
-        bail!(
-            "another server is already listening on {}",
-            socket.display()
-        );
-    }
-    let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket)
-        .map_err(|e| anyhow!("cannot listen on {}: {e}", socket.display()))?;
+    let mut listener = Listener::bind(img, reporter.volume().id())?;
     let open = Arc::new(AtomicUsize::new(0));
     std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
+        loop {
+            let stream = match listener.accept() {
+                Ok(s) => s,
+                Err(e) => {
+                    // A client that went before it was served; a failure
+                    // that repeats must not spin.
+                    tracing::debug!(error = %e, "control accept failed");
+                    std::thread::sleep(ACCEPT_RETRY);
+                    continue;
+                }
+            };
             if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
                 open.fetch_sub(1, Ordering::AcqRel);
                 let _ = send::<crate::ops::Reply>(
@@ -80,16 +75,10 @@ pub fn serve(img: &Path, reporter: std::sync::Arc<Reporter>) -> Result<()> {
     Ok(())
 }
 
-#[cfg(not(unix))]
-pub fn serve(_img: &Path, _reporter: std::sync::Arc<Reporter>) -> Result<()> {
-    Ok(())
-}
-
-#[cfg(unix)]
 fn handle(
     reporter: &Reporter,
     sets: &crate::member::SetsInProgress,
-    stream: &std::os::unix::net::UnixStream,
+    stream: &Stream,
 ) -> Result<()> {
     let mut w = stream;
     let mut r = BufReader::new(stream);

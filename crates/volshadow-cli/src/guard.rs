@@ -48,8 +48,9 @@ fn parts(img: &Path) -> Vec<(PathBuf, &'static str)> {
     let mut out = vec![
         (img.to_path_buf(), "image"),
         (storage::binding_path(img), "shadow-storage binding file"),
-        (crate::control::socket_path(img), "control socket"),
     ];
+    #[cfg(unix)]
+    out.push((crate::channel::socket_path(img), "control socket"));
     if let Ok((_, diff)) = storage::read_binding(img) {
         out.push((diff, "shadow storage (diff area)"));
     }

@@ -4,6 +4,7 @@
 
 mod args;
 mod bench;
+mod channel;
 mod control;
 mod control_server;
 mod dispatch;
@@ -11,7 +12,6 @@ mod exports;
 #[cfg(target_os = "linux")]
 mod fuse;
 mod guard;
-#[cfg(unix)]
 mod member;
 mod ops;
 mod output;

@@ -12,7 +12,6 @@
 
 use std::collections::HashSet;
 use std::io::BufRead;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -21,6 +20,7 @@ use anyhow::{Result, bail};
 use uuid::Uuid;
 use volshadow_cow::{SetMember, SnapshotInfo, SnapshotOptions, Volume};
 
+use crate::channel::Stream;
 use crate::control::{self, Connection, Envelope};
 use crate::ops::{Reply, Request};
 
@@ -66,7 +66,7 @@ impl SetsInProgress {
     /// or abandon of that snapshot only); the first step refused ends the
     /// conversation. Writes are held from `SetHold` at most its timeout
     /// plus [`STEP_GRACE`], however the coordinator behaves.
-    pub fn converse(&self, stream: &UnixStream, r: &mut impl BufRead) -> Result<()> {
+    pub fn converse(&self, stream: &Stream, r: &mut impl BufRead) -> Result<()> {
         reply(
             stream,
             Ok(Reply::SetJoined {
@@ -157,7 +157,7 @@ impl SetsInProgress {
     }
 }
 
-fn reply(stream: &UnixStream, answer: Result<Reply>) -> Result<()> {
+fn reply(stream: &Stream, answer: Result<Reply>) -> Result<()> {
     let env = match answer {
         Ok(reply) => Envelope {
             ok: Some(reply),

@@ -28,8 +28,7 @@ impl Reporter {
         }
     }
 
-    /// The control socket's requests run on this (Unix only so far).
-    #[cfg(unix)]
+    /// The control channel's requests run on this.
     pub fn volume(&self) -> &Volume {
         &self.vol
     }
@@ -59,7 +58,6 @@ impl Reporter {
     /// Runs `f` and returns, beside its result, the shadow copies deleted
     /// to make room while it ran (also by other writers at the same time:
     /// the engine does not say which write caused a deletion).
-    #[cfg(unix)]
     pub fn during<T>(&self, f: impl FnOnce() -> T) -> (T, Vec<ShadowRow>) {
         let before = self.vol.auto_deleted_count();
         let out = f();

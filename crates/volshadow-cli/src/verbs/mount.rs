@@ -142,7 +142,7 @@ pub(crate) fn mount(img: &Path, dir: &Path) -> Result<()> {
     let closed = match opened {
         Some(vol) => {
             let closed = vol.close();
-            let _ = std::fs::remove_file(control::socket_path(img));
+            crate::channel::remove(img);
             closed.map_err(anyhow::Error::from)
         }
         None => Ok(()),

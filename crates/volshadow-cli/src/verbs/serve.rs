@@ -1,4 +1,4 @@
-//! `serve`: the volume over NBD, its control socket for the other verbs,
+//! `serve`: the volume over NBD, its control channel for the other verbs,
 //! and a clean stop on a signal.
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -12,7 +12,7 @@ use volshadow_nbd::{ServeOptions, TlsMode};
 
 use crate::args::{ServeArgs, TlsPolicy};
 use crate::ops::resolve;
-use crate::{control, control_server, exports, one_line, report, storage};
+use crate::{control_server, exports, one_line, report, storage};
 
 /// Deletions by NBD writes are logged within this long.
 const REPORT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
@@ -154,14 +154,15 @@ fn offered_exports(vol: &Volume, asked: &[String]) -> Result<Option<Vec<String>>
     Ok(Some(names))
 }
 
-/// On SIGINT, SIGTERM or SIGHUP (Ctrl+C or console close on Windows):
-/// writes still in flight finish, the volume is closed cleanly (flushed,
-/// journal marked), the sockets are removed, and the process exits 0.
-/// Non-persistent shadow copies end with the process, as they would at a
-/// crash, and recovery releases them at the next open.
+/// On SIGINT, SIGTERM or SIGHUP, or on Windows Ctrl+C, Ctrl+Break, the
+/// console closed, log-off or shutdown: writes still in flight finish,
+/// the volume is closed cleanly (flushed, journal marked), the sockets are
+/// removed, and the process exits 0. Non-persistent shadow copies end
+/// with the process, as they would at a crash, and recovery releases them
+/// at the next open.
 fn stop_on_signal(img: &Path, vol: Volume, socket: Option<PathBuf>) -> Result<()> {
-    let control = control::socket_path(img);
-    ctrlc::set_handler(move || {
+    let img = img.to_path_buf();
+    let stop = move || {
         eprintln!("volshadow: stopping: closing the volume");
         let code = match vol.close() {
             Ok(()) => 0,
@@ -170,11 +171,19 @@ fn stop_on_signal(img: &Path, vol: Volume, socket: Option<PathBuf>) -> Result<()
                 1
             }
         };
-        let _ = std::fs::remove_file(&control);
+        crate::channel::remove(&img);
         if let Some(s) = &socket {
             let _ = std::fs::remove_file(s);
         }
         std::process::exit(code);
-    })
-    .context("cannot install the stop handler")
+    };
+    // ctrlc hands a Windows console event to another thread and returns at
+    // once, and for a closed console Windows ends the process as soon as
+    // the handler returns: the close could be cut short. The block layer's
+    // handler runs the stop before returning.
+    #[cfg(windows)]
+    let installed = volshadow_block::on_console_stop(stop).map_err(anyhow::Error::from);
+    #[cfg(unix)]
+    let installed = ctrlc::set_handler(stop).map_err(anyhow::Error::from);
+    installed.context("cannot install the stop handler")
 }

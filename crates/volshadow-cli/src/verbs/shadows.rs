@@ -116,14 +116,12 @@ pub(crate) fn diff(volume: &Path, from: String, to: Option<String>, json: bool) 
 
 /// How this command reaches one member of a set.
 enum Part {
-    #[cfg(unix)]
     Served(crate::member::RemoteMember),
     Opened(Volume),
 }
 
 impl Part {
     fn reach(img: &Path) -> Result<Self> {
-        #[cfg(unix)]
         if let Some(m) = crate::member::RemoteMember::join(img)? {
             return Ok(Part::Served(m));
         }
@@ -132,7 +130,6 @@ impl Part {
 
     fn member(&mut self) -> Member<'_> {
         match self {
-            #[cfg(unix)]
             Part::Served(m) => Member::Served(m),
             Part::Opened(v) => Member::Opened(v.set_member()),
         }
@@ -141,7 +138,6 @@ impl Part {
 
 /// A set member, whichever way it is reached.
 enum Member<'a> {
-    #[cfg(unix)]
     Served(&'a mut crate::member::RemoteMember),
     Opened(LocalMember<'a>),
 }
@@ -149,7 +145,6 @@ enum Member<'a> {
 impl Member<'_> {
     fn as_dyn(&mut self) -> &mut dyn SetMember {
         match self {
-            #[cfg(unix)]
             Member::Served(m) => *m,
             Member::Opened(m) => m,
         }

@@ -241,7 +241,6 @@ impl Loaded {
                 if crate::storage::binding_path(&v).exists() {
                     // A volume `serve` or `mount` holds is backed up through
                     // its server, its clients writing on.
-                    #[cfg(unix)]
                     if let Some(served) = super::served::ServedVolume::find(&v)? {
                         cow.add(v, Arc::new(served));
                         continue;

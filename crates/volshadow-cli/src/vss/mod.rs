@@ -9,7 +9,6 @@
 //! (`NAME.writers.json`), so `list writers` shows the last backup's outcome.
 
 mod config;
-#[cfg(unix)]
 mod served;
 mod status;
 
