@@ -43,7 +43,9 @@ pub(crate) fn pipe_name(img: &Path, volume_id: Uuid) -> String {
         .or_else(|_| std::path::absolute(img))
         .unwrap_or_else(|_| img.to_path_buf());
     let key = full.to_string_lossy().to_lowercase();
-    let tag = Uuid::new_v5(&volume_id, key.as_bytes()).simple().to_string();
+    let tag = Uuid::new_v5(&volume_id, key.as_bytes())
+        .simple()
+        .to_string();
     format!(r"\\.\pipe\volshadow-{volume_id}-{}", &tag[..12])
 }
 

@@ -88,6 +88,11 @@ pub fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
+            #[cfg(not(target_os = "linux"))]
+            if let Some(why) = std::env::args().nth(1).and_then(|v| args::linux_only(&v)) {
+                eprintln!("volshadow: {why}");
+                return ExitCode::from(2);
+            }
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
             eprintln!("volshadow: {}", first.trim_start_matches("error: "));
