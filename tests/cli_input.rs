@@ -148,6 +148,7 @@ fn outputs_never_overwrite_a_volume_file() {
     assert!(std::fs::read(d.join("s.raw")).unwrap()[..1 << 20] == a[..]);
 }
 
+// Unix only: the memory bound is enforced with the shell's `ulimit -v`.
 #[cfg(unix)]
 #[test]
 fn reads_stream_in_bounded_memory_and_refuse_past_the_end() {
@@ -225,6 +226,7 @@ fn reads_stream_in_bounded_memory_and_refuse_past_the_end() {
     assert!(out.stdout == a);
 }
 
+// Unix only: hostile input is written to the control socket directly (UnixStream); the pipe shares the protocol code this checks.
 #[cfg(unix)]
 #[test]
 fn control_socket_bounds_requests_and_keeps_serving() {
@@ -403,6 +405,7 @@ fn sizes_and_durations_are_bounded_and_never_panic() {
     assert!(shadow_ids(d, "disk.img").is_empty());
 }
 
+// Unix only: its server serves NBD on a Unix socket (Server::start_logged).
 #[cfg(unix)]
 #[test]
 fn delete_oldest_is_told() {
@@ -637,6 +640,7 @@ fn a_damaged_copy_fails_read_and_export_and_leaves_no_output() {
 /// that is not the set's. The first refused step ends the conversation and
 /// lets writes go; no other shadow copy is touched; an unfinished
 /// non-persistent copy is removed when the client goes.
+// Unix only: the hostile conversation is written to the control socket directly (UnixStream); the pipe shares the protocol code this checks.
 #[cfg(unix)]
 #[test]
 fn a_hostile_set_member_conversation_is_refused_and_releases_writes() {
@@ -719,6 +723,7 @@ fn a_hostile_set_member_conversation_is_refused_and_releases_writes() {
 
 /// A device named as the output is written, never removed (a read cut
 /// short removes only a regular file it made).
+// Unix only: the device written is /dev/null, told apart by its file type.
 #[cfg(unix)]
 #[test]
 fn a_device_as_output_is_written_and_never_removed() {

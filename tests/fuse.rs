@@ -3,6 +3,7 @@
 //! file and kept busy, a shadow copy of it taken frozen, exposed and
 //! checked. Needs root, /dev/fuse and the util-linux and e2fsprogs tools;
 //! otherwise each test prints why it skips.
+// Linux only: FUSE, loop devices and Linux file-system tools.
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -225,6 +225,7 @@ fn a_killed_set_create_leaves_the_whole_set_or_none() {
 /// the coordinator dies mid-set, a member left in doubt stays hidden until
 /// the set's first volume gives a final answer. Never half a set: the two
 /// agree once settled, and a member never shows a set its decider lacks.
+// Unix only: the coordinator is killed with SIGKILL and the servers serve NBD on Unix sockets.
 #[cfg(unix)]
 #[test]
 fn a_killed_set_create_with_served_members_settles_whole_or_none() {
@@ -265,6 +266,7 @@ fn a_killed_set_create_with_served_members_settles_whole_or_none() {
 /// SIGTERM (and SIGINT) stop `serve` cleanly: in-flight writes finish, the
 /// volume is closed (journal marked committed), sockets are removed, exit
 /// status 0; persistent shadow copies survive, non-persistent ones end.
+// Unix only: Unix signals; under Wine, windows_server.rs stops serve with Ctrl+C.
 #[cfg(unix)]
 #[test]
 fn serve_stops_cleanly_on_sigterm_and_sigint() {
@@ -326,6 +328,7 @@ fn a_binding_for_another_volume_is_refused_and_changes_nothing() {
 
 /// `export` goes through a running server (clients keep the volume) and
 /// writes the shadow copy byte for byte, full and incremental.
+// Unix only: the server's NBD export is a Unix socket; windows_server.rs exports through the pipe.
 #[cfg(unix)]
 #[test]
 fn export_goes_through_a_running_server() {

@@ -1,6 +1,8 @@
 //! `volshadow serve` with real NBD clients (qemu-img, qemu-io, nbdinfo,
 //! nbdcopy, nbdfuse) and with hostile raw-socket input.
 #![allow(clippy::unwrap_used)]
+// Unix only: NBD over Unix sockets with Linux clients. The Windows
+// server over TCP with the same clients is windows_server.rs (under Wine).
 #![cfg(unix)]
 
 mod common;

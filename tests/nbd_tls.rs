@@ -3,6 +3,7 @@
 //! qemu-img), plaintext and foreign-certificate clients refused, the
 //! non-loopback guard, `--read-only` and `--export`.
 #![allow(clippy::unwrap_used)]
+// Unix only: Linux TLS clients (nbdinfo, qemu) and Unix-socket exports.
 #![cfg(unix)]
 
 mod common;

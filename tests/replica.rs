@@ -156,18 +156,23 @@ fn full_and_incrementals_through_files_and_pipes_are_byte_exact() {
     assert_eq!(read_all(d, "rep.img", None), src.model);
     let v = json(d, &["verify", "--for", "rep.img", "--json"]);
     assert!(v["report"]["mismatches"].as_array().unwrap().is_empty());
-    // `send | receive` through a shell pipe, into a second replica.
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "{b} send --for disk.img --shadow {s} | {b} receive --for rep2.img --on rep2.diff",
-            b = bin(),
-            s = ids[3]
-        ))
+    // `send | receive` through a pipe between the two processes, into a
+    // second replica.
+    let mut send = Command::new(bin())
+        .args(["send", "--for", "disk.img", "--shadow", ids[3]])
         .current_dir(d)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let received = Command::new(bin())
+        .args(["receive", "--for", "rep2.img", "--on", "rep2.diff"])
+        .current_dir(d)
+        .stdin(send.stdout.take().unwrap())
         .status()
         .unwrap();
-    assert!(status.success());
+    assert!(send.wait().unwrap().success());
+    assert!(received.success());
     let len = SIZE.to_string();
     let out = vs_raw(
         d,
@@ -287,6 +292,7 @@ fn kill_mid_receive(dir: &Path, stream: &[u8], fed: usize) {
     drop(stdin);
 }
 
+// Unix only: the receive is killed with SIGKILL mid-stream.
 #[cfg(unix)]
 #[test]
 fn kill_9_during_receive_leaves_the_previous_shadow_copy() {

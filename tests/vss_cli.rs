@@ -30,6 +30,7 @@ fn doc(d: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(d.join("backup.json")).unwrap()).unwrap()
 }
 
+// Unix only: its writers are `sh` scripts (exit codes, stderr); the platform-shell test below runs under Wine.
 #[cfg(unix)]
 #[test]
 fn a_post_snapshot_veto_keeps_the_copies_and_list_writers_shows_it() {
@@ -76,6 +77,7 @@ name = "db"
     assert_eq!(rows[0]["state"]["failed-at"], "post-snapshot");
 }
 
+// Unix only: its writers are `sh` scripts that sleep.
 #[cfg(unix)]
 #[test]
 fn a_writers_own_timeout_is_its_limit_and_names_it() {
@@ -142,6 +144,7 @@ fn one_set_id_everywhere_and_delete_shadows_by_set() {
     assert_eq!(out.status.code(), Some(1));
 }
 
+// Unix only: its writers are `sh` scripts.
 #[cfg(unix)]
 #[test]
 fn selection_and_restores_refused_up_front() {
@@ -200,6 +203,7 @@ name = "logs"
     );
 }
 
+// Unix only: its writers are `sh` scripts.
 #[cfg(unix)]
 #[test]
 fn an_aborted_set_sends_abort_not_abort_and_thaw() {

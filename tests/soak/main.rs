@@ -44,6 +44,7 @@
 //! test prints a line per round and a summary, and fails on any violation,
 //! keeping the run's directory (image, diff area, server logs and
 //! `events.log`: every command, kill, restart and listing, timed).
+// Unix only: the server is SIGKILLed under load and served on a Unix socket.
 #![cfg(unix)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -219,7 +219,11 @@ pub(crate) fn send(
         let out = w.finish()?;
         if let Some(p) = file {
             drop(out);
-            std::fs::File::open(p)?.sync_all()?;
+            // Windows flushes only through a handle open for writing.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(p)?
+                .sync_all()?;
         }
         Ok(covered)
     })();
