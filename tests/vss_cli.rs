@@ -245,6 +245,7 @@ name = "files"
 
 /// An fsfreeze writer whose FIFREEZE returns after its own limit: the
 /// backup fails naming it, and the file system is thawed when it returns.
+// Linux only: FIFREEZE on ext4 over a loop device (root).
 #[cfg(target_os = "linux")]
 #[test]
 fn a_late_fifreeze_leaves_nothing_frozen() {

@@ -312,6 +312,16 @@ fn a_served_volume_answers_every_verb_through_its_pipe() {
     // server, the live data stayed.
     assert!(ids(&w).is_empty());
     same("live after the stop", &w.read(None, SIZE), &live);
+
+    // A server killed outright leaves no pipe behind: the next one serves,
+    // and the verbs reach it (a non-persistent copy needs the server).
+    drop(Serve::start(&w, free_port()));
+    let again = Serve::start(&w, free_port());
+    w.ok(&["create", "shadow", "--for", "d.img", "--non-persistent"]);
+    assert_eq!(ids(&w).len(), 1);
+    let (status, log) = again.interrupt();
+    assert!(status.success(), "{status}: {log}");
+    assert!(ids(&w).is_empty());
 }
 
 /// `revert` and a two-volume set through two servers' pipes.

@@ -207,6 +207,7 @@ fn create_is_sparse_and_refuses_to_overwrite() {
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 30);
 }
 
+// Linux only: counts the file's allocated blocks (st_blocks).
 #[cfg(target_os = "linux")]
 #[test]
 fn discard_punches_a_hole() {
@@ -316,6 +317,7 @@ fn grow_a_file_image() {
 }
 
 /// The suite against a real loop device: Linux, root and losetup only.
+// Linux only: loop devices (root, losetup).
 #[cfg(target_os = "linux")]
 #[test]
 fn loop_device_conforms() {

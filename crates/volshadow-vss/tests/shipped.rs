@@ -181,6 +181,7 @@ fn fsfreeze_writer_freezes_and_thaws_ext4() {
 
 /// FIFREEZE returning after the writer's window closed: the coordinator
 /// has given up on it, and the late freeze must still be thawed.
+// Linux only: FIFREEZE on ext4 over a loop device (root).
 #[cfg(target_os = "linux")]
 #[test]
 fn a_late_fifreeze_on_ext4_is_thawed() {
@@ -226,6 +227,7 @@ fn a_late_fifreeze_on_ext4_is_thawed() {
     assert!(t.join().unwrap());
 }
 
+// Linux only: reflink copies on XFS or btrfs over loop devices (root).
 #[cfg(target_os = "linux")]
 #[test]
 fn reflink_provider_on_xfs_or_btrfs_alongside_the_cow_provider() {

@@ -170,7 +170,10 @@ unsafe impl Sync for Descriptor {}
 
 impl Descriptor {
     /// Protected DACL: full access for the user, Administrators and
-    /// SYSTEM, nothing for anyone else; the user as owner.
+    /// SYSTEM, nothing for anyone else; the user as owner, named outright
+    /// (a token's default owner may be a group: Administrators when
+    /// elevated, a users group under Wine), so a client can tell its own
+    /// user's pipe from one another user made.
     fn owner_only() -> io::Result<Descriptor> {
         let user = CurrentUser::get()?.sid_string()?;
         let sddl = wide(&format!(
@@ -447,8 +450,14 @@ impl PipeListener {
             // A client connected between CreateNamedPipe and Connect.
             Err(e) if e.raw_os_error() == Some(ERROR_PIPE_CONNECTED as i32) => {}
             // A client that came and went before being served: this
-            // instance is spent, the next one takes its place.
-            Err(e) if e.raw_os_error() == Some(ERROR_NO_DATA as i32) => {}
+            // instance is spent; the caller's next accept gets a fresh one.
+            Err(e) if e.raw_os_error() == Some(ERROR_NO_DATA as i32) => {
+                self.next = create_instance(&self.name, &self.descriptor, false)?;
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "a client left before it was served",
+                ));
+            }
             Err(e) => return Err(e),
         }
         let fresh = create_instance(&self.name, &self.descriptor, false)?;
@@ -456,7 +465,7 @@ impl PipeListener {
         Ok(PipeStream::new(client))
     }
 
-    /// The pipe's DACL and owner as SDDL (`O:...D:P(A;;GA;;;...)...`).
+    /// The pipe's owner and DACL as SDDL (`O:...D:P(A;;GA;;;...)...`).
     pub fn security(&self) -> io::Result<String> {
         security_sddl(
             self.next.as_raw_handle(),
