@@ -6,6 +6,7 @@
 //! The XFS file system is made on a loop device, so this needs root and
 //! xfsprogs; otherwise it prints a skip reason. On the file system of the
 //! target directory (ext4 in CI) the copies are reported as written.
+// Linux only: reflink clones on XFS over a loop device (root, xfsprogs, filefrag).
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -560,6 +560,21 @@ pub(crate) enum DeleteWhat {
     },
 }
 
+/// Why a verb this build lacks is Linux only, for a clear refusal rather
+/// than clap's "unrecognized subcommand".
+#[cfg(not(target_os = "linux"))]
+pub fn linux_only(verb: &str) -> Option<&'static str> {
+    Some(match verb {
+        "mount" | "unmount" => {
+            "mount and unmount are Linux only (FUSE); serve the volume over NBD instead (`volshadow serve --listen 127.0.0.1:10809`)"
+        }
+        "expose" | "unexpose" => {
+            "expose and unexpose are Linux only (loop devices); read a shadow copy with `volshadow export` or over NBD (`volshadow serve`, export name = its id)"
+        }
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -590,19 +605,4 @@ mod tests {
         walk(&Cli::command(), "volshadow", &mut missing);
         assert!(missing.is_empty(), "without help text: {missing:?}");
     }
-}
-
-/// Why a verb this build lacks is Linux only, for a clear refusal rather
-/// than clap's "unrecognized subcommand".
-#[cfg(not(target_os = "linux"))]
-pub fn linux_only(verb: &str) -> Option<&'static str> {
-    Some(match verb {
-        "mount" | "unmount" => {
-            "mount and unmount are Linux only (FUSE); serve the volume over NBD instead (`volshadow serve --listen 127.0.0.1:10809`)"
-        }
-        "expose" | "unexpose" => {
-            "expose and unexpose are Linux only (loop devices); read a shadow copy with `volshadow export` or over NBD (`volshadow serve`, export name = its id)"
-        }
-        _ => return None,
-    })
 }
