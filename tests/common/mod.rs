@@ -148,6 +148,38 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// A raw connection to a running server's control channel: a Unix
+/// socket, or on Windows the named pipe.
+#[cfg(unix)]
+pub type Control = std::os::unix::net::UnixStream;
+#[cfg(windows)]
+pub type Control = volshadow_block::PipeStream;
+
+/// Connects to the control channel of the server holding `img` in `dir`.
+#[cfg(unix)]
+pub fn control(dir: &Path, img: &str) -> std::io::Result<Control> {
+    Control::connect(dir.join(format!("{img}.vshadow.sock")))
+}
+
+#[cfg(windows)]
+pub fn control(dir: &Path, img: &str) -> std::io::Result<Control> {
+    Control::connect(&pipe_name(dir, img), Duration::from_secs(10))
+}
+
+/// The control pipe's name as docs/ARCHITECTURE.md gives it: the volume
+/// id from `IMG.vshadow`, and a tag from the image's full path.
+#[cfg(windows)]
+fn pipe_name(dir: &Path, img: &str) -> String {
+    let binding: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(format!("{img}.vshadow"))).unwrap())
+            .unwrap();
+    let id: uuid::Uuid = binding["volume_id"].as_str().unwrap().parse().unwrap();
+    let full = std::fs::canonicalize(dir.join(img)).unwrap();
+    let key = full.to_string_lossy().to_lowercase();
+    let tag = uuid::Uuid::new_v5(&id, key.as_bytes()).simple().to_string();
+    format!(r"\\.\pipe\volshadow-{id}-{}", &tag[..12])
+}
+
 /// `volshadow serve` on a Unix socket, killed on drop.
 pub struct Server {
     pub child: Child,
@@ -244,6 +276,35 @@ impl Server {
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `serve` for its control channel: on Unix as `start`; on Windows
+    /// NBD on a TCP port the system picks. Started once the control
+    /// channel answers.
+    pub fn start_control(dir: &Path, img: &str) -> Server {
+        #[cfg(unix)]
+        return Server::start(dir, img);
+        #[cfg(windows)]
+        {
+            let mut child = Command::new(bin())
+                .args(["serve", "--for", img, "--listen", "127.0.0.1:0"])
+                .current_dir(dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while control(dir, img).is_err() {
+                assert!(child.try_wait().unwrap().is_none(), "serve exited");
+                assert!(Instant::now() < deadline, "serve did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Server {
+                child,
+                socket: PathBuf::new(),
+            }
         }
     }
 
