@@ -176,9 +176,13 @@ impl Descriptor {
     /// user's pipe from one another user made.
     fn owner_only() -> io::Result<Descriptor> {
         let user = CurrentUser::get()?.sid_string()?;
-        let sddl = wide(&format!(
+        Descriptor::from_sddl(&format!(
             "O:{user}D:P(A;;GA;;;{user})(A;;GA;;;BA)(A;;GA;;;SY)"
-        ));
+        ))
+    }
+
+    fn from_sddl(sddl: &str) -> io::Result<Descriptor> {
+        let sddl = wide(sddl);
         let mut sd: PSECURITY_DESCRIPTOR = std::ptr::null_mut();
         // SAFETY: `sddl` is NUL-terminated and outlives the call; `sd`
         // receives a LocalAlloc'd descriptor that Local frees.
@@ -645,3 +649,7 @@ impl Write for PipeStream {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "pipe_tests.rs"]
+mod tests;
