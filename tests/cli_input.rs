@@ -410,8 +410,6 @@ fn sizes_and_durations_are_bounded_and_never_panic() {
     assert!(shadow_ids(d, "disk.img").is_empty());
 }
 
-// Unix only: its server serves NBD on a Unix socket (Server::start_logged).
-#[cfg(unix)]
 #[test]
 fn delete_oldest_is_told() {
     let dir = tempfile::tempdir().unwrap();
@@ -467,7 +465,7 @@ fn delete_oldest_is_told() {
     // Under serve: the client is told, the server logs it, and `list
     // shadowstorage` counts it.
     let log = d.join("serve.log");
-    let server = Server::start_logged(d, "disk.img", &log);
+    let server = Server::start_control_logged(d, "disk.img", &log);
     vs(d, &["create", "shadow", "--for", "disk.img"]);
     let s3 = shadow_ids(d, "disk.img")[1].clone();
     let out = w("2M", "b.bin");

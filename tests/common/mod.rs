@@ -283,16 +283,29 @@ impl Server {
     /// NBD on a TCP port the system picks. Started once the control
     /// channel answers.
     pub fn start_control(dir: &Path, img: &str) -> Server {
+        Self::control_with(dir, img, None)
+    }
+
+    /// Like `start_control`, with the server's stderr (its log) in `log`.
+    pub fn start_control_logged(dir: &Path, img: &str, log: &Path) -> Server {
+        Self::control_with(dir, img, Some(log))
+    }
+
+    fn control_with(dir: &Path, img: &str, log: Option<&Path>) -> Server {
         #[cfg(unix)]
-        return Server::start(dir, img);
+        return match log {
+            Some(log) => Server::start_logged(dir, img, log),
+            None => Server::start(dir, img),
+        };
         #[cfg(windows)]
         {
+            let stderr = log.map_or_else(Stdio::null, |l| std::fs::File::create(l).unwrap().into());
             let mut child = Command::new(bin())
                 .args(["serve", "--for", img, "--listen", "127.0.0.1:0"])
                 .current_dir(dir)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(stderr)
                 .spawn()
                 .unwrap();
             let deadline = Instant::now() + Duration::from_secs(30);
