@@ -328,8 +328,6 @@ fn a_binding_for_another_volume_is_refused_and_changes_nothing() {
 
 /// `export` goes through a running server (clients keep the volume) and
 /// writes the shadow copy byte for byte, full and incremental.
-// Unix only: the server's NBD export is a Unix socket; windows_server.rs exports through the pipe.
-#[cfg(unix)]
 #[test]
 fn export_goes_through_a_running_server() {
     let dir = volume("8M");
@@ -341,7 +339,7 @@ fn export_goes_through_a_running_server() {
             "write", "--for", "disk.img", "--offset", "0", "--input", "a",
         ],
     );
-    let _server = Server::start(d, "disk.img");
+    let _server = Server::start_control(d, "disk.img");
     let s1 = create_shadow(d, "disk.img");
     write_file(d, "b", &pattern(1 << 20, 11));
     vs(
