@@ -9,7 +9,6 @@ mod common;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
-#[cfg(unix)]
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -266,7 +265,6 @@ fn wrong_base_damaged_and_cut_streams_are_refused_and_change_nothing() {
 /// Starts `receive` on a pipe, feeds it `fed` bytes of `stream`, waits
 /// until it has applied them (its marker exists and it reads no more),
 /// then kills it with SIGKILL.
-#[cfg(unix)]
 fn kill_mid_receive(dir: &Path, stream: &[u8], fed: usize) {
     let mut child = Command::new(bin())
         .args(["receive", "--for", "rep.img"])
@@ -286,14 +284,13 @@ fn kill_mid_receive(dir: &Path, stream: &[u8], fed: usize) {
     }
     // Let it apply what it was given.
     std::thread::sleep(Duration::from_millis(500));
-    // SIGKILL, by pid: the child is ours.
+    // Killed outright (SIGKILL; TerminateProcess on Windows), by pid:
+    // the child is ours.
     child.kill().unwrap();
     child.wait().unwrap();
     drop(stdin);
 }
 
-// Unix only: the receive is killed with SIGKILL mid-stream.
-#[cfg(unix)]
 #[test]
 fn kill_9_during_receive_leaves_the_previous_shadow_copy() {
     let src = source(1);
