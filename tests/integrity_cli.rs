@@ -225,14 +225,12 @@ fn a_killed_set_create_leaves_the_whole_set_or_none() {
 /// the coordinator dies mid-set, a member left in doubt stays hidden until
 /// the set's first volume gives a final answer. Never half a set: the two
 /// agree once settled, and a member never shows a set its decider lacks.
-// Unix only: the coordinator is killed with SIGKILL and the servers serve NBD on Unix sockets.
-#[cfg(unix)]
 #[test]
 fn a_killed_set_create_with_served_members_settles_whole_or_none() {
     for served in ["a.img", "b.img"] {
         let dir = two_volumes();
         let d = dir.path();
-        let _server = Server::start(d, served);
+        let _server = Server::start_control(d, served);
         for round in 0..15u64 {
             kill_a_set_create(d, round * 3 + 1);
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
