@@ -125,6 +125,24 @@ impl BufferPool {
     }
 }
 
+/// Writes `buf` at `offset` of an unbuffered `file`, where `offset` and
+/// the length are multiples of `align` already: straight from `buf` when
+/// its address is aligned too, else through an aligned copy (whole
+/// sectors, so nothing needs reading first).
+pub(crate) fn write_whole_sectors(
+    file: &std::fs::File,
+    buf: &[u8],
+    offset: u64,
+    align: u32,
+) -> std::io::Result<()> {
+    if is_aligned(buf.as_ptr() as usize, offset, buf.len(), align) {
+        return crate::sys::write_all_at(file, buf, offset);
+    }
+    let mut bounce = AlignedBuf::new(buf.len(), align as usize);
+    bounce.as_mut_slice().copy_from_slice(buf);
+    crate::sys::write_all_at(file, bounce.as_slice(), offset)
+}
+
 /// True when `addr`, `offset` and `len` are all multiples of `align`.
 pub(crate) fn is_aligned(addr: usize, offset: u64, len: usize, align: u32) -> bool {
     let a = align as u64;

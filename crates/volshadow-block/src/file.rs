@@ -4,7 +4,7 @@ use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::align::{AlignedBuf, is_aligned};
+use crate::align::{is_aligned, write_whole_sectors};
 use crate::{BlockDevice, Error, Op, Result, check_range, sys};
 
 /// A file image. `create` makes it sparse; writes and reads are positional;
@@ -214,12 +214,7 @@ impl BlockDevice for FileImage {
             && buf.len() >= DIRECT_MIN
             && is_aligned(0, offset, buf.len(), d.align)
         {
-            if is_aligned(buf.as_ptr() as usize, offset, buf.len(), d.align) {
-                return sys::write_all_at(&d.file, buf, offset).map_err(io);
-            }
-            let mut bounce = AlignedBuf::new(buf.len(), d.align as usize);
-            bounce.as_mut_slice().copy_from_slice(buf);
-            return sys::write_all_at(&d.file, bounce.as_slice(), offset).map_err(io);
+            return write_whole_sectors(&d.file, buf, offset, d.align).map_err(io);
         }
         sys::write_all_at(&self.file, buf, offset).map_err(io)
     }

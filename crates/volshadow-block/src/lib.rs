@@ -270,14 +270,14 @@ impl Extent {
     }
 }
 
-/// Appends a range to ranges kept in order, merging it with the last one
-/// when they touch. Empty ranges are dropped.
+/// Appends a range to ranges kept in order of their start, merging it with
+/// the last one when they touch or overlap. Empty ranges are dropped.
 pub fn push_extent(out: &mut Vec<Extent>, e: Extent) {
     if e.len == 0 {
         return;
     }
     match out.last_mut() {
-        Some(last) if last.end() == e.offset => last.len += e.len,
+        Some(last) if e.offset <= last.end() => last.len = last.len.max(e.end() - last.offset),
         _ => out.push(e),
     }
 }

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{PoisonError, RwLock};
 
-use crate::align::{AlignedBuf, is_aligned, widen};
+use crate::align::{AlignedBuf, is_aligned, widen, write_whole_sectors};
 use crate::file::lock_file;
 use crate::{BlockDevice, Error, Op, OpenOptions, Result, check_range, sys};
 
@@ -174,14 +174,7 @@ impl BlockDevice for RawVolume {
         }
         if is_aligned(0, offset, buf.len(), self.align) {
             let _guard = self.rmw.read().unwrap_or_else(PoisonError::into_inner);
-            if is_aligned(buf.as_ptr() as usize, offset, buf.len(), self.align) {
-                return sys::write_all_at(&self.file, buf, offset)
-                    .map_err(self.io_err(Op::Write, offset));
-            }
-            // Whole sectors from a misaligned buffer: copy, no read needed.
-            let mut bounce = AlignedBuf::new(buf.len(), self.align as usize);
-            bounce.as_mut_slice().copy_from_slice(buf);
-            return sys::write_all_at(&self.file, bounce.as_slice(), offset)
+            return write_whole_sectors(&self.file, buf, offset, self.align)
                 .map_err(self.io_err(Op::Write, offset));
         }
         self.write_unaligned(buf, offset)

@@ -88,8 +88,8 @@ struct Reader<'a, R> {
 
 struct Job {
     req: Request,
-    /// The write payload for WRITE, empty otherwise.
-    data: AlignedBuf,
+    /// The write payload of a WRITE.
+    data: Option<AlignedBuf>,
     /// Bytes taken from the budget, given back after the reply.
     charged: u64,
 }
@@ -159,8 +159,10 @@ impl<'a, R: Read + Send, W: Write + Send> Connection<'a, R, W> {
             {
                 scope.spawn(move || self.work(scope));
             }
-            let sent = self.handle(&job.req, &job.data);
-            self.buffers.give(job.data);
+            let sent = self.handle(&job.req, job.data.as_deref().unwrap_or_default());
+            if let Some(data) = job.data {
+                self.buffers.give(data);
+            }
             self.budget.give_back(job.charged);
             if let Err(e) = sent {
                 let mut first = lock(&self.send_error);
@@ -194,10 +196,10 @@ impl<'a, R: Read + Send, W: Write + Send> Connection<'a, R, W> {
             _ => 0,
         };
         let charged = self.budget.take(payload);
-        let mut data = self.buffers.take(0);
+        let mut data = None;
         if req.kind == CMD_WRITE {
-            data.resize(req.length as usize);
-            if let Err(e) = rd.read_exact(&mut data) {
+            let payload = data.insert(self.buffers.take(req.length as usize));
+            if let Err(e) = rd.read_exact(payload) {
                 self.budget.give_back(charged);
                 return Err(e.into());
             }
