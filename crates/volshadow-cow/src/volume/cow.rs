@@ -263,7 +263,7 @@ impl Inner {
         if !may_hold && !self.held.is_empty() {
             // A caller that needs its write in the origin on return (revert)
             // lets every held write go first.
-            self.held.wait_finished(self.held.queued())?;
+            self.held.wait_applied()?;
         }
         let first = offset >> self.geo.shift;
         let last = (offset + len - 1) >> self.geo.shift;

@@ -129,15 +129,11 @@ impl Held {
         self.lost.load(Ordering::Acquire)
     }
 
-    /// Entries queued so far: `wait_finished(queued())` waits for every
-    /// write held before the call.
-    pub(super) fn queued(&self) -> u64 {
-        self.lock().queued
-    }
-
-    /// Waits until the first `upto` entries ever queued are applied.
-    pub(super) fn wait_finished(&self, upto: u64) -> Result<()> {
+    /// Waits until every write held before the call is applied (or, after
+    /// a failure, dropped: then the error).
+    pub(super) fn wait_applied(&self) -> Result<()> {
         let mut q = self.lock();
+        let upto = q.queued;
         while q.finished < upto {
             q = self.wait(q);
         }

@@ -356,7 +356,7 @@ impl Volume {
         }
         // Held writes first, without a time limit: they were acknowledged
         // and live only in memory. Then the gate drains writers inside.
-        inner.held.wait_finished(inner.held.queued())?;
+        inner.held.wait_applied()?;
         let _closed = inner.gate.close(DEFAULT_HOLD)?;
         if inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
@@ -603,8 +603,9 @@ impl BlockDevice for Volume {
 
     fn flush(&self) -> volshadow_block::Result<()> {
         // Every write held before this call reaches the origin first.
-        let held = &self.inner.held;
-        held.wait_finished(held.queued())
+        self.inner
+            .held
+            .wait_applied()
             .map_err(|e| e.into_block(self.name()))?;
         // Only persistent snapshots must survive a crash: with none, the
         // copies may stay in the diff area's cache (recovery discards
@@ -646,14 +647,10 @@ impl BlockDevice for Volume {
             // Held data may sit where the origin still has a hole.
             map.extend(held);
             map.sort_unstable_by_key(|e| e.offset);
-            let mut merged: Vec<volshadow_block::Extent> = Vec::with_capacity(map.len());
-            for e in map {
-                match merged.last_mut() {
-                    Some(m) if e.offset <= m.end() => m.len = m.len.max(e.end() - m.offset),
-                    _ => merged.push(e),
-                }
-            }
-            map = merged;
+            map = map.into_iter().fold(Vec::new(), |mut merged, e| {
+                volshadow_block::push_extent(&mut merged, e);
+                merged
+            });
         }
         Ok(Some(map))
     }

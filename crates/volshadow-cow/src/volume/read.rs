@@ -41,14 +41,12 @@ impl Inner {
             }
             let lo = (c << self.geo.shift).max(offset);
             let hi = (d << self.geo.shift).min(end);
+            let run = Extent {
+                offset: lo,
+                len: hi - lo,
+            };
             if kind {
-                push_extent(
-                    &mut out,
-                    Extent {
-                        offset: lo,
-                        len: hi - lo,
-                    },
-                );
+                push_extent(&mut out, run);
             } else {
                 let Some(exts) = self.origin.allocation(lo, hi - lo)? else {
                     return Ok(None);
@@ -58,13 +56,7 @@ impl Inner {
                 // the copy first, so looking again catches it, and the
                 // run is reported as data (always safe).
                 if (c..d).any(preserved) {
-                    push_extent(
-                        &mut out,
-                        Extent {
-                            offset: lo,
-                            len: hi - lo,
-                        },
-                    );
+                    push_extent(&mut out, run);
                 } else {
                     for e in exts {
                         push_extent(&mut out, e);
