@@ -194,14 +194,15 @@ fn sets(d: &Path, img: &str) -> Vec<String> {
 /// Starts `create shadow --for a.img --for b.img` and kills it after a
 /// delay that moves with `round` (a few ms to tens of ms).
 fn kill_a_set_create(d: &Path, round: u64) {
-    let mut child = Command::new(bin())
-        .args(["create", "shadow", "--for", "a.img", "--for", "b.img"])
-        .current_dir(d)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(
+        Command::new(bin())
+            .args(["create", "shadow", "--for", "a.img", "--for", "b.img"])
+            .current_dir(d)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_micros(round * 7919 % 40_000));
     let _ = child.kill();
     let _ = child.wait();

@@ -49,14 +49,15 @@ fn send(dir: &Path, shadow: &str, since: Option<&str>, out: &str) {
 
 /// Runs `receive --for rep.img` with `stream` on standard input.
 fn receive_stdin(dir: &Path, stream: &[u8]) -> std::process::Output {
-    let mut child = Command::new(bin())
-        .args(["receive", "--for", "rep.img"])
-        .current_dir(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(
+        Command::new(bin())
+            .args(["receive", "--for", "rep.img"])
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     // A refused stream may close the pipe early; that is fine.
     let _ = stdin.write_all(stream);
@@ -157,19 +158,23 @@ fn full_and_incrementals_through_files_and_pipes_are_byte_exact() {
     assert!(v["report"]["mismatches"].as_array().unwrap().is_empty());
     // `send | receive` through a pipe between the two processes, into a
     // second replica.
-    let mut send = Command::new(bin())
-        .args(["send", "--for", "disk.img", "--shadow", ids[3]])
-        .current_dir(d)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let received = Command::new(bin())
-        .args(["receive", "--for", "rep2.img", "--on", "rep2.diff"])
-        .current_dir(d)
-        .stdin(send.stdout.take().unwrap())
-        .status()
-        .unwrap();
+    let mut send = spawn(
+        Command::new(bin())
+            .args(["send", "--for", "disk.img", "--shadow", ids[3]])
+            .current_dir(d)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped()),
+    )
+    .unwrap();
+    let received = spawn(
+        Command::new(bin())
+            .args(["receive", "--for", "rep2.img", "--on", "rep2.diff"])
+            .current_dir(d)
+            .stdin(send.stdout.take().unwrap()),
+    )
+    .unwrap()
+    .wait()
+    .unwrap();
     assert!(send.wait().unwrap().success());
     assert!(received.success());
     let len = SIZE.to_string();
@@ -266,14 +271,15 @@ fn wrong_base_damaged_and_cut_streams_are_refused_and_change_nothing() {
 /// until it has applied them (its marker exists and it reads no more),
 /// then kills it with SIGKILL.
 fn kill_mid_receive(dir: &Path, stream: &[u8], fed: usize) {
-    let mut child = Command::new(bin())
-        .args(["receive", "--for", "rep.img"])
-        .current_dir(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(
+        Command::new(bin())
+            .args(["receive", "--for", "rep.img"])
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(&stream[..fed]).unwrap();
     stdin.flush().unwrap();

@@ -66,12 +66,36 @@ pub fn vs(dir: &Path, args: &[&str]) -> String {
 }
 
 pub fn vs_raw(dir: &Path, args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    spawn(
+        Command::new(bin())
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .unwrap()
+    .wait_with_output()
+    .unwrap()
+}
+
+/// `cmd.spawn()`, tried again when Wine reports ERROR_INTERNAL_ERROR
+/// (1359): Wine's CreateProcess returns it when the new process dies in
+/// Wine's own start-up, before the program's first instruction, now and
+/// then on a loaded machine. Nothing of the program ran, so a second try
+/// is the same test. Any other error, or 1359 on the fourth try, returns.
+pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
+    let mut tries = 1;
+    loop {
+        match cmd.spawn() {
+            Err(e) if cfg!(windows) && e.raw_os_error() == Some(1359) && tries < 4 => {
+                eprintln!("{:?}: {e}; spawning again", cmd.get_program());
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(200 * tries));
+            }
+            spawned => return spawned,
+        }
+    }
 }
 
 pub fn json(dir: &Path, args: &[&str]) -> serde_json::Value {
@@ -209,15 +233,16 @@ impl Server {
 
     fn start_with(dir: &Path, img: &str, socket: &str, stderr: Stdio) -> Server {
         let socket = dir.join(socket);
-        let child = Command::new(bin())
-            .args(["serve", "--for", img, "--socket"])
-            .arg(&socket)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
+        let child = spawn(
+            Command::new(bin())
+                .args(["serve", "--for", img, "--socket"])
+                .arg(&socket)
+                .current_dir(dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(stderr),
+        )
+        .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !(socket.exists() && dir.join(format!("{img}.vshadow.sock")).exists()) {
             assert!(Instant::now() < deadline, "server did not start");
@@ -300,14 +325,15 @@ impl Server {
         #[cfg(windows)]
         {
             let stderr = log.map_or_else(Stdio::null, |l| std::fs::File::create(l).unwrap().into());
-            let mut child = Command::new(bin())
-                .args(["serve", "--for", img, "--listen", "127.0.0.1:0"])
-                .current_dir(dir)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(stderr)
-                .spawn()
-                .unwrap();
+            let mut child = spawn(
+                Command::new(bin())
+                    .args(["serve", "--for", img, "--listen", "127.0.0.1:0"])
+                    .current_dir(dir)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(stderr),
+            )
+            .unwrap();
             let deadline = Instant::now() + Duration::from_secs(30);
             while control(dir, img).is_err() {
                 assert!(child.try_wait().unwrap().is_none(), "serve exited");
