@@ -209,4 +209,84 @@ fn no_extent_clones_on_xfs_writes_the_copies() {
     let diff = dir.join("disk.diff");
     let frag = String::from_utf8(run("filefrag", &["-v", diff.to_str().unwrap()]).stdout).unwrap();
     assert!(!frag.contains("shared"), "a copy was cloned:\n{frag}");
+
+    // The shadow storage moved and paired again: the refusal is kept, and
+    // new first writes are still written, not cloned.
+    std::fs::rename(&diff, dir.join("moved.diff")).unwrap();
+    vs(dir, &["rebind", "--for", "disk.img", "--on", "moved.diff"]);
+    let listed = json(
+        dir,
+        &["list", "shadowstorage", "--for", "disk.img", "--json"],
+    );
+    assert_eq!(listed[0]["no_extent_clones"], serde_json::Value::Bool(true));
+    let text = vs(dir, &["list", "shadowstorage", "--for", "disk.img"]);
+    assert!(copies_line(&text).contains("--no-extent-clones"), "{text}");
+    let id2 = shadow_create(dir);
+    let mut model = std::fs::read(dir.join("disk.img")).unwrap();
+    let before = model.clone();
+    poke_chunks(dir, &mut model, 4);
+    assert!(
+        exported(dir, &id2) == before,
+        "the second shadow copy changed"
+    );
+    assert!(exported(dir, &id) == old, "the first shadow copy changed");
+    let moved = dir.join("moved.diff");
+    let frag = String::from_utf8(run("filefrag", &["-v", moved.to_str().unwrap()]).stdout).unwrap();
+    assert!(
+        !frag.contains("shared"),
+        "a copy was cloned after rebind:\n{frag}"
+    );
+}
+
+#[test]
+fn rebind_with_no_extent_clones_refuses_clones_from_then_on() {
+    let Some(xfs) = Xfs::make() else { return };
+    let dir = xfs.mnt.as_path();
+    let mut model = random_bytes(16 << 20, 5);
+    std::fs::write(dir.join("disk.img"), &model).unwrap();
+    let added = vs(
+        dir,
+        &[
+            "add",
+            "shadowstorage",
+            "--for",
+            "disk.img",
+            "--on",
+            "disk.diff",
+            "--maxsize",
+            "32M",
+        ],
+    );
+    assert!(copies_line(&added).contains("extent clones"), "{added}");
+    std::fs::rename(dir.join("disk.diff"), dir.join("moved.diff")).unwrap();
+    vs(
+        dir,
+        &[
+            "rebind",
+            "--for",
+            "disk.img",
+            "--on",
+            "moved.diff",
+            "--no-extent-clones",
+        ],
+    );
+    let text = vs(dir, &["list", "shadowstorage", "--for", "disk.img"]);
+    assert!(copies_line(&text).contains("--no-extent-clones"), "{text}");
+    let id = shadow_create(dir);
+    let old = model.clone();
+    poke_chunks(dir, &mut model, 6);
+    assert!(exported(dir, &id) == old);
+    let moved = dir.join("moved.diff");
+    let frag = String::from_utf8(run("filefrag", &["-v", moved.to_str().unwrap()]).stdout).unwrap();
+    assert!(!frag.contains("shared"), "a copy was cloned:\n{frag}");
+}
+
+/// Writes 4 KiB inside each of 8 chunks, 1 MiB apart: a chunk copied as
+/// an extent clone keeps its other blocks shared with the image, which
+/// `filefrag` shows (a wholly overwritten chunk is unshared again).
+fn poke_chunks(dir: &Path, model: &mut [u8], seed: u64) {
+    for k in 0..8 {
+        let data = random_bytes(4 << 10, seed + k as u64);
+        put(dir, "disk.img", model, (k << 20) + (8 << 10), &data);
+    }
 }

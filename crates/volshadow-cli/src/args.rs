@@ -221,6 +221,11 @@ pub(crate) enum Command {
         /// binding says it is.
         #[arg(long, value_name = "DIFF")]
         on: Option<PathBuf>,
+        /// With --on: never take copies as extent clones (as at `add
+        /// shadowstorage`). A refusal recorded in the old binding is kept
+        /// without it.
+        #[arg(long, requires = "on")]
+        no_extent_clones: bool,
     },
     /// Serve the live volume and its shadow copies over NBD.
     Serve(ServeArgs),

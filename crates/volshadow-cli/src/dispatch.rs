@@ -160,7 +160,11 @@ pub(crate) fn run(cmd: Command) -> Result<()> {
                 None => receive::receive(&volume, input.as_deref(), &new, json),
             }
         }
-        Command::Rebind { volume, on } => maintain::rebind(&volume, on.as_deref()),
+        Command::Rebind {
+            volume,
+            on,
+            no_extent_clones,
+        } => maintain::rebind(&volume, on.as_deref(), no_extent_clones),
         Command::Revert {
             volume,
             shadow,

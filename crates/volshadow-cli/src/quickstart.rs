@@ -59,7 +59,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
             ..Default::default()
         },
     )?;
-    crate::storage::write_binding(&img, &diff, vol.id(), clones)?;
+    crate::storage::write_binding(&img, &diff, vol.id(), clones, false)?;
 
     step(
         "Write 8 MiB of data",

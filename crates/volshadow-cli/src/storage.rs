@@ -30,6 +30,10 @@ pub struct Binding {
     /// (copies are extent clones), probed when the pair was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extent_clones: Option<bool>,
+    /// Set by `--no-extent-clones`: copies are written even where the file
+    /// system could clone; kept when the pair is rebound.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_extent_clones: bool,
 }
 
 /// Whether a diff area at `diff` can clone `origin`'s extents (probed in
@@ -73,7 +77,15 @@ pub fn read_binding(img: &Path) -> Result<(Binding, PathBuf)> {
     Ok((b, diff))
 }
 
-pub fn write_binding(img: &Path, diff: &Path, volume_id: Uuid, extent_clones: bool) -> Result<()> {
+/// Writes `IMG.vshadow`. `extent_clones`: what the probe found (false
+/// when not probed because `no_extent_clones`, the user's refusal, is set).
+pub fn write_binding(
+    img: &Path,
+    diff: &Path,
+    volume_id: Uuid,
+    extent_clones: bool,
+    no_extent_clones: bool,
+) -> Result<()> {
     let path = binding_path(img);
     let dir = path.parent().unwrap_or(Path::new("."));
     let dir_abs = std::fs::canonicalize(if dir.as_os_str().is_empty() {
@@ -94,6 +106,7 @@ pub fn write_binding(img: &Path, diff: &Path, volume_id: Uuid, extent_clones: bo
             volume_id,
             generation: None,
             extent_clones: Some(extent_clones),
+            no_extent_clones,
         },
     )
 }
@@ -159,7 +172,7 @@ fn open_inner(img: &Path, mode: OpenMode, resolve: bool) -> Result<Volume> {
     let vol = Volume::open_with(origin, diff, mode)?;
     // Off where the probe found the file system cannot share extents or
     // the storage was added with --no-extent-clones.
-    if binding.extent_clones == Some(false) {
+    if binding.extent_clones == Some(false) || binding.no_extent_clones {
         vol.set_extent_clones(false);
     }
     if mode != OpenMode::Salvage {

@@ -15,7 +15,7 @@ use crate::{control, guard, storage};
 
 /// `rebind`: pairs an image with its shadow storage again after both
 /// were copied or moved.
-pub(crate) fn rebind(volume: &Path, on: Option<&Path>) -> Result<()> {
+pub(crate) fn rebind(volume: &Path, on: Option<&Path>, no_extent_clones: bool) -> Result<()> {
     let vol = match on {
         Some(diff) => {
             if guard::same_file(diff, volume) {
@@ -29,9 +29,12 @@ pub(crate) fn rebind(volume: &Path, on: Option<&Path>) -> Result<()> {
             let d: Arc<dyn BlockDevice> = Arc::new(
                 FileImage::open(diff).with_context(|| format!("opening {}", diff.display()))?,
             );
-            let clones = storage::probe_clones(&*origin, diff);
+            // A refusal of clones outlives the pairing it was made for.
+            let refused = no_extent_clones
+                || storage::read_binding(volume).is_ok_and(|(b, _)| b.no_extent_clones);
+            let clones = !refused && storage::probe_clones(&*origin, diff);
             let vol = Volume::open_with(origin, d, OpenMode::Rebind)?;
-            storage::write_binding(volume, diff, vol.id(), clones)?;
+            storage::write_binding(volume, diff, vol.id(), clones, refused)?;
             vol
         }
         None => storage::open_volume_with(volume, OpenMode::Rebind)?,

@@ -81,18 +81,21 @@ pub(crate) fn add(img: &Path, diff: &Path, spec: StorageSpec, policy: &PolicyArg
     );
     print!("{}", ops::render_usage(&vol.usage()));
     let (binding, _) = storage::read_binding(img)?;
-    println!("{}", copies_line(binding.extent_clones));
+    println!("{}", copies_line(&binding));
     Ok(())
 }
 
 /// How the diff area takes its copies, for `add` and `list`.
-fn copies_line(extent_clones: Option<bool>) -> &'static str {
-    match extent_clones {
+fn copies_line(binding: &storage::Binding) -> &'static str {
+    if binding.no_extent_clones {
+        return "   Copies: written (no extent clones: --no-extent-clones)";
+    }
+    match binding.extent_clones {
         Some(true) => {
             "   Copies: extent clones (the file system shares extents between the image and the shadow storage)"
         }
         Some(false) => {
-            "   Copies: written (no extent clones: the file system cannot share extents between the image and the shadow storage, or --no-extent-clones)"
+            "   Copies: written (no extent clones: the file system cannot share extents between the image and the shadow storage)"
         }
         None => "   Copies: not probed (shadow storage added by an older version)",
     }
@@ -181,7 +184,7 @@ pub(crate) fn create_storage(
             return Err(e.into());
         }
     };
-    storage::write_binding(img, diff, vol.id(), clones)?;
+    storage::write_binding(img, diff, vol.id(), clones, !extent_clones)?;
     Ok(vol)
 }
 
@@ -205,6 +208,11 @@ pub(crate) fn list(volume: Option<PathBuf>, json: bool) -> Result<()> {
         /// absent for storage added before the probe existed).
         #[serde(skip_serializing_if = "Option::is_none")]
         extent_clones: Option<bool>,
+        /// Whether clones were refused with `--no-extent-clones`.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        no_extent_clones: bool,
+        #[serde(skip)]
+        copies: &'static str,
     }
     let mut rows = Vec::new();
     for img in images {
@@ -223,6 +231,8 @@ pub(crate) fn list(volume: Option<PathBuf>, json: bool) -> Result<()> {
                 auto_deleted,
                 served: session.served(),
                 extent_clones: binding.extent_clones,
+                no_extent_clones: binding.no_extent_clones,
+                copies: copies_line(&binding),
             });
         }
     }
@@ -238,7 +248,7 @@ pub(crate) fn list(volume: Option<PathBuf>, json: bool) -> Result<()> {
                 r.shadow_storage.display()
             );
             print!("{}", ops::render_usage(&r.usage));
-            println!("{}", copies_line(r.extent_clones));
+            println!("{}", r.copies);
             if r.served {
                 println!(
                     "   Deleted to make room: {} (since `volshadow serve` started)",
