@@ -348,27 +348,3 @@ impl Drop for FuseExport {
         let _ = self.child.wait();
     }
 }
-
-struct Loop(String);
-
-impl Loop {
-    fn attach(file: &std::path::Path, read_only: bool) -> Loop {
-        let mut args = vec!["--find", "--show", "--direct-io=off"];
-        if read_only {
-            args.push("--read-only");
-        }
-        args.push(file.to_str().unwrap());
-        let out = run("losetup", &args);
-        Loop(String::from_utf8(out.stdout).unwrap().trim().to_string())
-    }
-
-    fn dev(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}

@@ -515,3 +515,31 @@ pub fn run(cmd: &str, args: &[&str]) -> Output {
     );
     out
 }
+
+/// A loop device over a file, detached when dropped.
+#[cfg(target_os = "linux")]
+pub struct Loop(String);
+
+#[cfg(target_os = "linux")]
+impl Loop {
+    pub fn attach(file: &Path, read_only: bool) -> Loop {
+        let mut args = vec!["--find", "--show", "--direct-io=off"];
+        if read_only {
+            args.push("--read-only");
+        }
+        args.push(file.to_str().unwrap());
+        let out = run("losetup", &args);
+        Loop(String::from_utf8(out.stdout).unwrap().trim().to_string())
+    }
+
+    pub fn dev(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}

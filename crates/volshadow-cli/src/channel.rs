@@ -2,7 +2,8 @@
 //! speaks over; the protocol on top (`control`, `control_server`,
 //! `member`) is the same on every system.
 //!
-//! - Unix: a socket beside the image, `IMG.vshadow.sock`, mode 0600. A
+//! - Unix: a socket beside the image, `IMG.vshadow.sock` (a device's is
+//!   in the state directory, see `storage::sidecar_base`), mode 0600. A
 //!   socket file left by a crashed server answers no one; the next server
 //!   removes it.
 //! - Windows: a named pipe, `\\.\pipe\volshadow-<volume id>-<tag>`, the
@@ -28,7 +29,7 @@ pub(crate) type Stream = volshadow_block::PipeStream;
 /// `IMG.vshadow.sock`: the control socket of a running `serve`.
 #[cfg(unix)]
 pub fn socket_path(img: &Path) -> std::path::PathBuf {
-    let mut s = img.as_os_str().to_owned();
+    let mut s = crate::storage::sidecar_base(img).into_os_string();
     s.push(".vshadow.sock");
     std::path::PathBuf::from(s)
 }

@@ -4,6 +4,10 @@
 //! the diff area's generation when it was last opened (an older copy of
 //! the diff area put back is refused: its shadow copies would read chunks
 //! overwritten since).
+//!
+//! A device (a Linux block device, a Windows `\\.\D:` or
+//! `\\.\PhysicalDriveN`) keeps these files in the state directory
+//! instead (see [`sidecar_base`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,9 +52,64 @@ pub fn probe_clones(origin: &dyn BlockDevice, diff: &Path) -> bool {
 
 /// `IMG.vshadow`.
 pub fn binding_path(img: &Path) -> PathBuf {
-    let mut s = img.as_os_str().to_owned();
+    let mut s = sidecar_base(img).into_os_string();
     s.push(".vshadow");
     PathBuf::from(s)
+}
+
+/// What a volume's own files (binding, control socket, receive marker)
+/// are named after: the image itself, so they sit beside it; for a device,
+/// a name in [`state_dir`] made of the device's last path component and a
+/// hash of its whole path. Beside a device they would not last: `/dev` is
+/// made anew at every boot, and `\\.\D:.vshadow` names no file at all.
+/// The path is taken as given, not resolved: a stable name such as
+/// `/dev/disk/by-id/...` keeps its shadow storage when `/dev/sdX` changes.
+pub fn sidecar_base(img: &Path) -> PathBuf {
+    if volshadow_block::device_kind(img).ok() != Some(volshadow_block::DeviceKind::Raw) {
+        return img.to_path_buf();
+    }
+    let full = std::path::absolute(img).unwrap_or_else(|_| img.to_path_buf());
+    let full = full.to_string_lossy();
+    let last = full
+        .rsplit(['/', '\\'])
+        .find(|s| !s.is_empty())
+        .unwrap_or("device");
+    let readable: String = last
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    // Keeps the socket path within the 108 bytes a Unix socket allows.
+    // Windows names are case-insensitive: `\\.\d:` is `\\.\D:`.
+    let key = if cfg!(windows) {
+        full.to_lowercase()
+    } else {
+        full.to_string()
+    };
+    let hash = Uuid::new_v5(&Uuid::NAMESPACE_URL, key.as_bytes())
+        .simple()
+        .to_string();
+    state_dir().join(format!("{readable}-{}", &hash[..12]))
+}
+
+/// Where the files of device volumes live: `$VOLSHADOW_STATE_DIR`, else
+/// `/var/lib/volshadow` (Unix) or `%ProgramData%\volshadow` (Windows).
+pub fn state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VOLSHADOW_STATE_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    #[cfg(windows)]
+    let base = std::env::var_os("ProgramData")
+        .map_or_else(|| PathBuf::from(r"C:\ProgramData"), PathBuf::from);
+    #[cfg(not(windows))]
+    let base = PathBuf::from("/var/lib");
+    base.join("volshadow")
 }
 
 pub fn read_binding(img: &Path) -> Result<(Binding, PathBuf)> {
@@ -87,13 +146,16 @@ pub fn write_binding(
     no_extent_clones: bool,
 ) -> Result<()> {
     let path = binding_path(img);
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let dir_abs = std::fs::canonicalize(if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    })?;
-    let diff_abs = std::fs::canonicalize(diff)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    // The state directory of devices may not exist yet.
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir_abs =
+        std::fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let diff_abs =
+        std::fs::canonicalize(diff).with_context(|| format!("cannot resolve {}", diff.display()))?;
     let rel = diff_abs
         .strip_prefix(&dir_abs)
         .map(Path::to_path_buf)
@@ -346,6 +408,34 @@ pub(crate) fn settle_cut_receive(img: &Path, vol: &Volume) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_image_keeps_its_files_beside_it() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let img = dir.join("Cargo.toml");
+        assert_eq!(binding_path(&img), dir.join("Cargo.toml.vshadow"));
+        // A path with nothing there yet (a replica to receive) too.
+        let new = dir.join("no-such.img");
+        assert_eq!(sidecar_base(&new), new);
+    }
+
+    #[cfg(windows)]
+    #[test]
+    fn a_windows_device_keeps_its_files_in_the_state_directory() {
+        let d = sidecar_base(Path::new(r"\\.\D:"));
+        assert_eq!(d.parent(), Some(state_dir().as_path()));
+        let name = d.file_name().unwrap().to_str().unwrap().to_owned();
+        assert!(
+            name.starts_with("D_-") && name.len() == "D_-".len() + 12,
+            "{name}"
+        );
+        // The same device however it is spelled; another device elsewhere.
+        assert_eq!(sidecar_base(Path::new(r"\\.\d:")), d);
+        assert_ne!(sidecar_base(Path::new(r"\\.\E:")), d);
+        let disk = sidecar_base(Path::new(r"\\.\PhysicalDrive1"));
+        let disk = disk.file_name().unwrap().to_str().unwrap();
+        assert!(disk.starts_with("PhysicalDrive1-"), "{disk}");
+    }
 
     #[test]
     fn sizes() {

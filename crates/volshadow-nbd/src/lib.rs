@@ -108,6 +108,7 @@ pub mod tls;
 mod transmission;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tracing::{info, warn};
@@ -121,8 +122,10 @@ pub use tls::TlsMode;
 
 /// Accepts clients on a TCP or Unix listener for ever, each on its own
 /// thread. A client that fails (a broken handshake, a protocol violation,
-/// a lost connection) ends only its own connection. The process stops it
-/// (`volshadow serve` closes the volume and exits on a signal).
+/// a lost connection) ends only its own connection. Past
+/// [`ServeOptions::max_connections`] clients at once, a new one is closed
+/// at once, before the greeting. The process stops it (`volshadow serve`
+/// closes the volume and exits on a signal).
 ///
 /// # Example
 ///
@@ -174,6 +177,8 @@ pub use tls::TlsMode;
 /// ```
 pub fn serve<L: Listener>(listener: L, exports: Arc<dyn Exports>, options: ServeOptions) -> ! {
     let options = Arc::new(options);
+    // Connections being served; each thread holds one count until it ends.
+    let served = Arc::new(AtomicUsize::new(0));
     loop {
         let stream = match listener.accept() {
             Ok(stream) => stream,
@@ -184,13 +189,40 @@ pub fn serve<L: Listener>(listener: L, exports: Arc<dyn Exports>, options: Serve
                 continue;
             }
         };
+        let peer = stream.peer();
+        if served.fetch_add(1, Ordering::AcqRel) >= options.max_connections.max(1) {
+            served.fetch_sub(1, Ordering::AcqRel);
+            warn!(%peer, limit = options.max_connections, "too many NBD clients; closing the new one");
+            continue;
+        }
+        let slot = Slot(served.clone());
         let (exports, options) = (exports.clone(), options.clone());
-        std::thread::spawn(move || {
-            let peer = stream.peer();
-            match serve_stream(&*exports, stream, &options) {
-                Ok(()) => info!(%peer, "NBD client left"),
-                Err(e) => warn!(%peer, error = %e, "NBD connection closed"),
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .name("volshadow-nbd".into())
+            .spawn({
+                let peer = peer.clone();
+                move || {
+                    let _slot = slot;
+                    match serve_stream(&*exports, stream, &options) {
+                        Ok(()) => info!(%peer, "NBD client left"),
+                        Err(e) => warn!(%peer, error = %e, "NBD connection closed"),
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // The closure (stream and slot) is dropped: the client is
+            // closed and its count given back.
+            warn!(%peer, error = %e, "cannot start a thread for an NBD client");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// One counted connection; given back when its thread ends, however.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }

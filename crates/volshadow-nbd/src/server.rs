@@ -47,6 +47,10 @@ pub struct ServeOptions {
     /// (qemu-nbd's default handshake limit is the same 10 s).
     pub handshake_limit: Duration,
     pub connection: ConnectionOptions,
+    /// Clients served at once by [`serve`](crate::serve) (at least 1); one
+    /// more is closed as soon as it connects, so a flood of connections
+    /// cannot exhaust the process's threads.
+    pub max_connections: usize,
 }
 
 impl Default for ServeOptions {
@@ -56,6 +60,7 @@ impl Default for ServeOptions {
             read_only: false,
             handshake_limit: Duration::from_secs(10),
             connection: ConnectionOptions::default(),
+            max_connections: 128,
         }
     }
 }

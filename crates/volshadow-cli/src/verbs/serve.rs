@@ -108,6 +108,7 @@ fn serve_options(args: &ServeArgs) -> Result<ServeOptions> {
     Ok(ServeOptions {
         tls,
         read_only: args.read_only,
+        max_connections: args.max_connections as usize,
         ..ServeOptions::default()
     })
 }

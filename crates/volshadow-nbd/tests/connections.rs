@@ -1,0 +1,92 @@
+//! How many clients `serve` takes at once: past `max_connections` a new
+//! client is closed before the greeting, the ones being served go on, and
+//! a slot freed by a client that leaves takes the next one.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{ErrorKind, Read};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use volshadow_block::{BlockDevice, MemDevice};
+use volshadow_nbd::proto::NBDMAGIC;
+use volshadow_nbd::{Export, Exports, ServeOptions, serve};
+
+struct One(Arc<dyn BlockDevice>);
+
+impl Exports for One {
+    fn names(&self) -> Vec<String> {
+        vec!["live".into()]
+    }
+    fn open(&self, _: &str) -> Option<Export> {
+        Some(Export {
+            name: "live".into(),
+            description: String::new(),
+            device: self.0.clone(),
+            changed: None,
+        })
+    }
+}
+
+/// Whether a new client gets the server's greeting (else it is closed).
+fn greeted(c: &mut TcpStream) -> bool {
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut magic = [0u8; 8];
+    match c.read_exact(&mut magic) {
+        Ok(()) => {
+            assert_eq!(magic, NBDMAGIC.to_be_bytes());
+            true
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
+            ) =>
+        {
+            false
+        }
+        Err(e) => panic!("neither greeted nor closed: {e}"),
+    }
+}
+
+#[test]
+fn clients_past_the_limit_are_closed_and_a_freed_slot_is_reused() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let exports: Arc<dyn Exports> = Arc::new(One(Arc::new(MemDevice::new(1 << 20))));
+    let options = ServeOptions {
+        max_connections: 3,
+        // Held clients stay in the handshake for the whole test.
+        handshake_limit: Duration::from_secs(60),
+        ..ServeOptions::default()
+    };
+    std::thread::spawn(move || serve(listener, exports, options));
+
+    let mut held: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut c = TcpStream::connect(addr).unwrap();
+            assert!(greeted(&mut c), "a client under the limit was closed");
+            c
+        })
+        .collect();
+    for _ in 0..5 {
+        let mut c = TcpStream::connect(addr).unwrap();
+        assert!(!greeted(&mut c), "a client past the limit was served");
+    }
+    // One leaves; its slot is given back once its thread sees the close.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = TcpStream::connect(addr).unwrap();
+        if greeted(&mut c) {
+            held.push(c);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the freed slot was never reused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Full again.
+    let mut c = TcpStream::connect(addr).unwrap();
+    assert!(!greeted(&mut c));
+}
