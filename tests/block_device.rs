@@ -18,18 +18,7 @@ const SIZE: usize = 32 << 20;
 
 /// `volshadow ARGS` in `dir` with `state` as the state directory.
 fn vs_in(dir: &Path, state: &Path, args: &[&str]) -> Output {
-    spawn(
-        Command::new(bin())
-            .args(args)
-            .current_dir(dir)
-            .env("VOLSHADOW_STATE_DIR", state)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    )
-    .unwrap()
-    .wait_with_output()
-    .unwrap()
+    vs_env(dir, &[("VOLSHADOW_STATE_DIR", state)], args)
 }
 
 fn ok(out: Output, what: &str) -> String {

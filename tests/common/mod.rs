@@ -66,10 +66,16 @@ pub fn vs(dir: &Path, args: &[&str]) -> String {
 }
 
 pub fn vs_raw(dir: &Path, args: &[&str]) -> Output {
+    vs_env(dir, &[], args)
+}
+
+/// [`vs_raw`] with `env` added to the environment.
+pub fn vs_env(dir: &Path, env: &[(&str, &Path)], args: &[&str]) -> Output {
     spawn(
         Command::new(bin())
             .args(args)
             .current_dir(dir)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),

@@ -154,8 +154,8 @@ pub fn write_binding(
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir_abs =
         std::fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
-    let diff_abs =
-        std::fs::canonicalize(diff).with_context(|| format!("cannot resolve {}", diff.display()))?;
+    let diff_abs = std::fs::canonicalize(diff)
+        .with_context(|| format!("cannot resolve {}", diff.display()))?;
     let rel = diff_abs
         .strip_prefix(&dir_abs)
         .map(Path::to_path_buf)

@@ -4,30 +4,17 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{ErrorKind, Read};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use volshadow_block::{BlockDevice, MemDevice};
+use common::One;
+use volshadow_block::MemDevice;
 use volshadow_nbd::proto::NBDMAGIC;
-use volshadow_nbd::{Export, Exports, ServeOptions, serve};
-
-struct One(Arc<dyn BlockDevice>);
-
-impl Exports for One {
-    fn names(&self) -> Vec<String> {
-        vec!["live".into()]
-    }
-    fn open(&self, _: &str) -> Option<Export> {
-        Some(Export {
-            name: "live".into(),
-            description: String::new(),
-            device: self.0.clone(),
-            changed: None,
-        })
-    }
-}
+use volshadow_nbd::{Exports, ServeOptions, serve};
 
 /// Whether a new client gets the server's greeting (else it is closed).
 fn greeted(c: &mut TcpStream) -> bool {

@@ -4,15 +4,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use common::One;
 use volshadow_block::{BlockDevice, MemDevice};
 use volshadow_nbd::proto::*;
-use volshadow_nbd::{Export, Exports, serve_connection};
+use volshadow_nbd::serve_connection;
 
 /// A device whose read of block 0 waits until block 1 has been written.
 struct Gate {
@@ -61,22 +64,6 @@ impl BlockDevice for Gate {
     }
     fn name(&self) -> String {
         "gate".into()
-    }
-}
-
-struct One(Arc<dyn BlockDevice>);
-
-impl Exports for One {
-    fn names(&self) -> Vec<String> {
-        vec!["live".into()]
-    }
-    fn open(&self, _: &str) -> Option<Export> {
-        Some(Export {
-            name: "live".into(),
-            description: String::new(),
-            device: self.0.clone(),
-            changed: None,
-        })
     }
 }
 

@@ -6,37 +6,24 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::One;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use volshadow_block::{BlockDevice, MemDevice};
 use volshadow_nbd::proto::*;
 use volshadow_nbd::test_certs::TestCa;
-use volshadow_nbd::{Export, Exports, ServeOptions, TlsMode};
+use volshadow_nbd::{ServeOptions, TlsMode};
 
 const LEN: u64 = 1 << 20;
-
-struct One(Arc<MemDevice>);
-
-impl Exports for One {
-    fn names(&self) -> Vec<String> {
-        vec!["live".into()]
-    }
-    fn open(&self, name: &str) -> Option<Export> {
-        (name.is_empty() || name == "live").then(|| Export {
-            name: "live".into(),
-            description: String::new(),
-            device: self.0.clone(),
-            changed: None,
-        })
-    }
-}
 
 fn pattern() -> Vec<u8> {
     (0..LEN).map(|i| (i % 251) as u8).collect()
