@@ -153,3 +153,158 @@ fn a_block_device_keeps_its_files_in_the_state_directory() {
         String::from_utf8_lossy(&elsewhere.stderr)
     );
 }
+
+/// Another name of a bound device (a symbolic link) is the same volume:
+/// its shadow storage is found, a second one is refused, and no other
+/// volume's verb may write over the device's diff area.
+#[test]
+fn another_name_of_a_device_is_the_same_volume() {
+    if !is_root() || !have("losetup") {
+        eprintln!("SKIP: needs root and losetup for a loop device");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let state = d.join("state");
+    let model = random_bytes(16 << 20, 21);
+    std::fs::write(d.join("backing.img"), &model).unwrap();
+    let lo = Loop::attach(&d.join("backing.img"), false);
+    let dev = lo.dev();
+    std::os::unix::fs::symlink(dev, d.join("alias")).unwrap();
+    let run = |args: &[&str]| vs_in(d, &state, args);
+    let add = |on: &str, name: &str| {
+        run(&[
+            "add",
+            "shadowstorage",
+            "--for",
+            name,
+            "--on",
+            on,
+            "--maxsize",
+            "16M",
+        ])
+    };
+    ok(add("a.diff", dev), "add shadowstorage");
+    let id = {
+        let out = ok(
+            run(&["create", "shadow", "--for", dev, "--json"]),
+            "create shadow",
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["shadow"]["id"].as_str().unwrap().to_string()
+    };
+
+    // A second diff area through the link is refused, and makes no file.
+    let second = add("b.diff", "alias");
+    assert!(
+        !second.status.success(),
+        "a second shadow storage was added"
+    );
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("already has shadow storage"), "{err}");
+    assert!(!d.join("b.diff").exists());
+    // Writes through the link go through the same copy-on-write layer.
+    std::fs::write(d.join("new.bin"), random_bytes(4 << 20, 22)).unwrap();
+    ok(
+        run(&[
+            "write", "--for", "alias", "--offset", "0", "--input", "new.bin",
+        ]),
+        "write through the link",
+    );
+    let listed = ok(
+        run(&["list", "shadows", "--for", "alias", "--json"]),
+        "list shadows",
+    );
+    assert!(listed.contains(&id), "{listed}");
+    ok(
+        run(&[
+            "read", "--for", dev, "--shadow", &id, "--offset", "0", "--length", "16M", "--output",
+            "old.raw",
+        ]),
+        "read the shadow copy",
+    );
+    assert!(
+        std::fs::read(d.join("old.raw")).unwrap() == model,
+        "the shadow copy changed"
+    );
+
+    // Another volume's export onto the device's diff area is refused.
+    ok(
+        run(&["image", "create", "img.raw", "--size", "8M"]),
+        "image",
+    );
+    ok(add("img.diff", "img.raw"), "add for the image");
+    ok(
+        run(&["create", "shadow", "--for", "img.raw"]),
+        "shadow of img",
+    );
+    let before = std::fs::read(d.join("a.diff")).unwrap();
+    let ids = ok(
+        run(&["list", "shadows", "--for", "img.raw", "--json"]),
+        "list",
+    );
+    let v: serde_json::Value = serde_json::from_str(&ids).unwrap();
+    let img_id = v["shadows"][0]["id"].as_str().unwrap().to_string();
+    let export = run(&[
+        "export", "--for", "img.raw", "--shadow", &img_id, "--output", "a.diff",
+    ]);
+    assert!(!export.status.success(), "the export overwrote a.diff");
+    let err = String::from_utf8_lossy(&export.stderr);
+    assert!(err.contains("shadow storage (diff area)"), "{err}");
+    assert!(std::fs::read(d.join("a.diff")).unwrap() == before);
+
+    // `list shadowstorage` shows the device too, from anywhere, and in the
+    // state directory takes no binding there for an image.
+    for cwd in [d.to_path_buf(), state.clone()] {
+        let out = ok(
+            vs_in(&cwd, &state, &["list", "shadowstorage", "--json"]),
+            "list shadowstorage",
+        );
+        let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let volumes: Vec<&str> = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["volume"].as_str().unwrap())
+            .collect();
+        assert!(volumes.contains(&dev), "{cwd:?}: {volumes:?}");
+    }
+}
+
+/// A state directory that cannot take the binding: refused before the
+/// diff area is made, so the next try with a good one works.
+#[test]
+fn an_unusable_state_directory_changes_nothing() {
+    if !is_root() || !have("losetup") {
+        eprintln!("SKIP: needs root and losetup for a loop device");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(d.join("backing.img"), random_bytes(8 << 20, 31)).unwrap();
+    let lo = Loop::attach(&d.join("backing.img"), false);
+    let dev = lo.dev();
+    std::fs::write(d.join("not-a-dir"), b"").unwrap();
+    let args = [
+        "add",
+        "shadowstorage",
+        "--for",
+        dev,
+        "--on",
+        "dev.diff",
+        "--maxsize",
+        "8M",
+    ];
+    let out = vs_in(d, &d.join("not-a-dir"), &args);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a directory"), "{err}");
+    assert!(
+        !d.join("dev.diff").exists(),
+        "the diff area was left behind"
+    );
+    ok(
+        vs_in(d, &d.join("state"), &args),
+        "add with a good state dir",
+    );
+}

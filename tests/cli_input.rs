@@ -762,3 +762,40 @@ fn a_device_as_output_is_written_and_never_removed() {
     let m = std::fs::symlink_metadata("/dev/null").unwrap();
     assert!(m.file_type().is_char_device(), "/dev/null is still there");
 }
+
+/// A write whose input file runs past the end of the volume is refused
+/// whole: the volume and its shadow storage stay as they were.
+#[test]
+fn a_write_past_the_end_from_a_file_writes_nothing() {
+    let dir = volume("8M");
+    let d = dir.path();
+    let a = pattern(8 << 20, 3);
+    write_file(d, "a.bin", &a);
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "a.bin",
+        ],
+    );
+    vs(d, &["create", "shadow", "--for", "disk.img"]);
+    write_file(d, "big.bin", &pattern(4 << 20, 4));
+    let usage =
+        || json(d, &["list", "shadowstorage", "--for", "disk.img", "--json"])[0]["usage"].clone();
+    let before = usage();
+    let err = refused(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "6M", "--input", "big.bin",
+        ],
+        1,
+    );
+    assert!(
+        err.contains("outside") && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(d.join("disk.img")).unwrap() == a,
+        "the volume changed"
+    );
+    assert_eq!(usage(), before, "chunks were copied");
+}

@@ -388,7 +388,8 @@ pub(crate) struct ServeArgs {
     /// Default: the live volume and every shadow copy.
     #[arg(long = "export", value_name = "live|ID")]
     pub(crate) exports: Vec<String>,
-    /// NBD clients served at once; one more is closed as it connects.
+    /// NBD clients served at once; one more waits up to 2 s for a slot,
+    /// then is closed.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub(crate) max_connections: u32,
 }

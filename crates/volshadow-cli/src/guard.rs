@@ -10,37 +10,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
+use crate::identity::same_file;
 use crate::storage;
-
-/// What identifies a file independently of the name it was reached by.
-#[cfg(unix)]
-type Identity = (u64, u64);
-/// Without device and inode numbers in stable std, the canonical path
-/// (symbolic links resolved) stands in; hard links are not recognised.
-#[cfg(not(unix))]
-type Identity = PathBuf;
-
-#[cfg(unix)]
-fn identity(p: &Path) -> Option<Identity> {
-    use std::os::unix::fs::MetadataExt;
-    // `metadata` follows symbolic links: a link is its target.
-    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
-}
-
-#[cfg(not(unix))]
-fn identity(p: &Path) -> Option<Identity> {
-    let c = std::fs::canonicalize(p).ok()?;
-    // Windows and macOS names are case-insensitive by default.
-    Some(PathBuf::from(c.to_string_lossy().to_lowercase()))
-}
-
-/// Whether `a` and `b` are the same existing file.
-pub fn same_file(a: &Path, b: &Path) -> bool {
-    match (identity(a), identity(b)) {
-        (Some(x), Some(y)) => x == y,
-        _ => false,
-    }
-}
 
 /// The files that make up the volume whose image is `img`, each with what
 /// it is. The diff area is listed only when the binding names it.
@@ -58,22 +29,45 @@ fn parts(img: &Path) -> Vec<(PathBuf, &'static str)> {
 }
 
 /// Images with shadow storage in `dir`: those with an `IMG.vshadow` beside
-/// them. Volumes elsewhere cannot be found from a path alone.
+/// them (in the state directory, the bindings of devices are not images
+/// and are left out). Volumes elsewhere cannot be found from a path alone.
 pub(crate) fn volumes_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let dir = if dir.as_os_str().is_empty() {
         Path::new(".")
     } else {
         dir
     };
+    // In the state directory, bindings of devices name no image.
+    let devices: Vec<PathBuf> = if same_file(dir, &storage::state_dir()) {
+        storage::device_volumes()
+            .into_iter()
+            .map(|(base, _)| base)
+            .collect()
+    } else {
+        Vec::new()
+    };
     Ok(std::fs::read_dir(dir)?
         .flatten()
         .filter_map(|e| {
             let p = e.path();
             let name = p.file_name()?.to_str()?.to_owned();
-            name.strip_suffix(".vshadow")
-                .map(|img| p.with_file_name(img))
+            let img = p.with_file_name(name.strip_suffix(".vshadow")?);
+            let device = devices.iter().any(|d| d.file_name() == img.file_name());
+            (!device).then_some(img)
         })
         .collect())
+}
+
+/// Every volume found from `dir`: the images with shadow storage in it
+/// and the devices bound in the state directory.
+pub(crate) fn volumes_from(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut all = volumes_in(dir)?;
+    all.extend(
+        storage::device_volumes()
+            .into_iter()
+            .map(|(_, device)| device),
+    );
+    Ok(all)
 }
 
 /// A volume file some path turned out to be.
@@ -89,9 +83,11 @@ pub struct Owner {
 /// of a volume found beside `target` or beside those volumes.
 pub fn owner(target: &Path, volumes: &[PathBuf]) -> Option<Owner> {
     // Nothing there yet: writing creates a new file.
-    identity(target)?;
+    if !crate::identity::exists(target) {
+        return None;
+    }
     let mut candidates: Vec<PathBuf> = volumes.to_vec();
-    candidates.extend(volumes_in(target.parent().unwrap_or(Path::new("."))).unwrap_or_default());
+    candidates.extend(volumes_from(target.parent().unwrap_or(Path::new("."))).unwrap_or_default());
     for v in volumes {
         candidates.extend(volumes_in(v.parent().unwrap_or(Path::new("."))).unwrap_or_default());
     }
@@ -115,41 +111,4 @@ pub fn refuse_volume_file(target: &Path, volumes: &[PathBuf], what: &str) -> Res
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn links_are_the_same_file() {
-        let dir = tempfile_dir();
-        let a = dir.join("a");
-        std::fs::write(&a, b"x").unwrap();
-        let b = dir.join("b");
-        std::fs::write(&b, b"x").unwrap();
-        assert!(same_file(&a, &a));
-        assert!(!same_file(&a, &b));
-        assert!(!same_file(&a, &dir.join("missing")));
-        #[cfg(unix)]
-        {
-            std::os::unix::fs::symlink(&a, dir.join("sym")).unwrap();
-            std::fs::hard_link(&a, dir.join("hard")).unwrap();
-            assert!(same_file(&a, &dir.join("sym")));
-            assert!(same_file(&a, &dir.join("hard")));
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    fn tempfile_dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "volshadow-guard-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
 }

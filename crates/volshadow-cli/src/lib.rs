@@ -12,6 +12,7 @@ mod exports;
 #[cfg(target_os = "linux")]
 mod fuse;
 mod guard;
+mod identity;
 mod member;
 mod ops;
 mod output;

@@ -38,6 +38,11 @@ pub struct Binding {
     /// system could clone; kept when the pair is rebound.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_extent_clones: bool,
+    /// For a device (its binding is in the state directory): its path as
+    /// given when the binding was made, so that another name of the same
+    /// device finds this binding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<PathBuf>,
 }
 
 /// Whether a diff area at `diff` can clone `origin`'s extents (probed in
@@ -52,9 +57,7 @@ pub fn probe_clones(origin: &dyn BlockDevice, diff: &Path) -> bool {
 
 /// `IMG.vshadow`.
 pub fn binding_path(img: &Path) -> PathBuf {
-    let mut s = sidecar_base(img).into_os_string();
-    s.push(".vshadow");
-    PathBuf::from(s)
+    with_suffix(&sidecar_base(img), ".vshadow")
 }
 
 /// What a volume's own files (binding, control socket, receive marker)
@@ -64,10 +67,53 @@ pub fn binding_path(img: &Path) -> PathBuf {
 /// made anew at every boot, and `\\.\D:.vshadow` names no file at all.
 /// The path is taken as given, not resolved: a stable name such as
 /// `/dev/disk/by-id/...` keeps its shadow storage when `/dev/sdX` changes.
+/// A device already bound under another name (a symbolic link, another
+/// node) is found by identity and shares that binding: one device never
+/// gets two diff areas.
 pub fn sidecar_base(img: &Path) -> PathBuf {
-    if volshadow_block::device_kind(img).ok() != Some(volshadow_block::DeviceKind::Raw) {
+    if !is_device(img) {
         return img.to_path_buf();
     }
+    let own = device_base(img);
+    if with_suffix(&own, ".vshadow").exists() {
+        return own;
+    }
+    device_volumes()
+        .into_iter()
+        .find(|(_, device)| crate::identity::same_file(device, img))
+        .map_or(own, |(base, _)| base)
+}
+
+fn is_device(img: &Path) -> bool {
+    volshadow_block::device_kind(img).ok() == Some(volshadow_block::DeviceKind::Raw)
+}
+
+fn with_suffix(base: &Path, suffix: &str) -> PathBuf {
+    let mut s = base.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// The devices bound in the state directory: (what their files are named
+/// after, the device's path as recorded). Unreadable bindings are left out.
+pub fn device_volumes() -> Vec<(PathBuf, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(state_dir()) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let path = e.path();
+            let base = PathBuf::from(path.to_str()?.strip_suffix(".vshadow")?);
+            let text = std::fs::read_to_string(&path).ok()?;
+            let binding: Binding = serde_json::from_str(&text).ok()?;
+            Some((base, binding.device?))
+        })
+        .collect()
+}
+
+/// [`sidecar_base`] of a device by its own name.
+fn device_base(img: &Path) -> PathBuf {
     let full = std::path::absolute(img).unwrap_or_else(|_| img.to_path_buf());
     let full = full.to_string_lossy();
     let last = full
@@ -85,7 +131,6 @@ pub fn sidecar_base(img: &Path) -> PathBuf {
         })
         .take(40)
         .collect();
-    // Keeps the socket path within the 108 bytes a Unix socket allows.
     // Windows names are case-insensitive: `\\.\d:` is `\\.\D:`.
     let key = if cfg!(windows) {
         full.to_lowercase()
@@ -95,6 +140,8 @@ pub fn sidecar_base(img: &Path) -> PathBuf {
     let hash = Uuid::new_v5(&Uuid::NAMESPACE_URL, key.as_bytes())
         .simple()
         .to_string();
+    // 40 + 13 characters keep the control socket's path within the 108
+    // bytes a Unix socket allows.
     state_dir().join(format!("{readable}-{}", &hash[..12]))
 }
 
@@ -145,15 +192,9 @@ pub fn write_binding(
     extent_clones: bool,
     no_extent_clones: bool,
 ) -> Result<()> {
-    let path = binding_path(img);
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    // The state directory of devices may not exist yet.
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = binding_dir(img)?;
     let dir_abs =
-        std::fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+        std::fs::canonicalize(&dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
     let diff_abs = std::fs::canonicalize(diff)
         .with_context(|| format!("cannot resolve {}", diff.display()))?;
     let rel = diff_abs
@@ -169,8 +210,40 @@ pub fn write_binding(
             generation: None,
             extent_clones: Some(extent_clones),
             no_extent_clones,
+            device: is_device(img)
+                .then(|| std::path::absolute(img).unwrap_or_else(|_| img.to_path_buf())),
         },
     )
+}
+
+/// The directory `img`'s binding goes in, made if missing (the state
+/// directory of devices); an error says why it cannot take the binding.
+pub fn binding_dir(img: &Path) -> Result<PathBuf> {
+    let path = binding_path(img);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if dir.exists() && !dir.is_dir() {
+        bail!(
+            "{} is not a directory, so {}'s shadow-storage binding cannot go there (VOLSHADOW_STATE_DIR names the state directory of devices); nothing was changed",
+            dir.display(),
+            img.display()
+        );
+    }
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create {}; nothing was changed", dir.display()))?;
+    let probe = dir.join(format!(".volshadow-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .with_context(|| {
+            format!(
+                "cannot write in {}, where {}'s binding goes; nothing was changed",
+                dir.display(),
+                img.display()
+            )
+        })?;
+    Ok(dir)
 }
 
 /// Writes the binding through a temporary file and a rename, so a crash
@@ -378,9 +451,7 @@ pub fn parse_positive_size(s: &str) -> Result<u64, String> {
 
 /// `IMG.vshadow.receiving`: the marker of a receive in progress.
 pub(crate) fn marker_path(img: &Path) -> PathBuf {
-    let mut s = binding_path(img).into_os_string();
-    s.push(".receiving");
-    PathBuf::from(s)
+    with_suffix(&binding_path(img), ".receiving")
 }
 
 /// Called on every normal open: settles a receive a crash cut, saying so

@@ -107,8 +107,7 @@ pub mod test_certs;
 pub mod tls;
 mod transmission;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use tracing::{info, warn};
@@ -122,10 +121,11 @@ pub use tls::TlsMode;
 
 /// Accepts clients on a TCP or Unix listener for ever, each on its own
 /// thread. A client that fails (a broken handshake, a protocol violation,
-/// a lost connection) ends only its own connection. Past
-/// [`ServeOptions::max_connections`] clients at once, a new one is closed
-/// at once, before the greeting. The process stops it (`volshadow serve`
-/// closes the volume and exits on a signal).
+/// a lost connection) ends only its own connection. With
+/// [`ServeOptions::max_connections`] clients being served, a new one waits
+/// up to 2 s for one of them to end, else it is closed before the
+/// greeting. The process stops it (`volshadow serve` closes the volume and
+/// exits on a signal).
 ///
 /// # Example
 ///
@@ -177,8 +177,7 @@ pub use tls::TlsMode;
 /// ```
 pub fn serve<L: Listener>(listener: L, exports: Arc<dyn Exports>, options: ServeOptions) -> ! {
     let options = Arc::new(options);
-    // Connections being served; each thread holds one count until it ends.
-    let served = Arc::new(AtomicUsize::new(0));
+    let slots = Arc::new(Slots::new(options.max_connections.max(1)));
     loop {
         let stream = match listener.accept() {
             Ok(stream) => stream,
@@ -190,12 +189,12 @@ pub fn serve<L: Listener>(listener: L, exports: Arc<dyn Exports>, options: Serve
             }
         };
         let peer = stream.peer();
-        if served.fetch_add(1, Ordering::AcqRel) >= options.max_connections.max(1) {
-            served.fetch_sub(1, Ordering::AcqRel);
+        // A client that just left may still be flushing on its way out: a
+        // new one waits a moment for its slot before it is turned away.
+        let Some(slot) = Slots::take(&slots, SLOT_WAIT) else {
             warn!(%peer, limit = options.max_connections, "too many NBD clients; closing the new one");
             continue;
-        }
-        let slot = Slot(served.clone());
+        };
         let (exports, options) = (exports.clone(), options.clone());
         let spawned = std::thread::Builder::new()
             .name("volshadow-nbd".into())
@@ -218,11 +217,44 @@ pub fn serve<L: Listener>(listener: L, exports: Arc<dyn Exports>, options: Serve
     }
 }
 
-/// One counted connection; given back when its thread ends, however.
-struct Slot(Arc<AtomicUsize>);
+/// How long a new client waits for a slot when every one is taken.
+const SLOT_WAIT: Duration = Duration::from_secs(2);
+
+/// The connections `serve` may run at once.
+struct Slots {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Slots {
+    fn new(n: usize) -> Self {
+        Slots {
+            free: Mutex::new(n),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// A slot, waiting up to `wait` for one; `None` if none came free.
+    fn take(slots: &Arc<Slots>, wait: Duration) -> Option<Slot> {
+        let free = slots.free.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut free, _) = slots
+            .freed
+            .wait_timeout_while(free, wait, |n| *n == 0)
+            .unwrap_or_else(PoisonError::into_inner);
+        if *free == 0 {
+            return None;
+        }
+        *free -= 1;
+        Some(Slot(slots.clone()))
+    }
+}
+
+/// One connection's slot; given back when its thread ends, however.
+struct Slot(Arc<Slots>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        *self.0.free.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.0.freed.notify_one();
     }
 }

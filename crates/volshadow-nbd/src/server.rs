@@ -48,8 +48,8 @@ pub struct ServeOptions {
     pub handshake_limit: Duration,
     pub connection: ConnectionOptions,
     /// Clients served at once by [`serve`](crate::serve) (at least 1); one
-    /// more is closed as soon as it connects, so a flood of connections
-    /// cannot exhaust the process's threads.
+    /// more waits up to 2 s for a slot and is then closed, so a flood of
+    /// connections cannot exhaust the process's threads.
     pub max_connections: usize,
 }
 

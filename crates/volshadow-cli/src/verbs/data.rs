@@ -14,6 +14,22 @@ pub(crate) fn write(volume: &Path, offset: u64, input: Option<&Path>, json: bool
         Some(p) => {
             let mut f =
                 std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
+            // A regular file's length is known: a range past the end is
+            // refused before anything is written (a pipe's is only found
+            // at the piece that crosses it).
+            let meta = f
+                .metadata()
+                .with_context(|| format!("reading {}", p.display()))?;
+            if meta.is_file() {
+                let size = session.size()?;
+                if offset.checked_add(meta.len()).is_none_or(|end| end > size) {
+                    bail!(
+                        "write of {} bytes at offset {offset} is outside volume {} ({size} bytes); nothing was written",
+                        meta.len(),
+                        volume.display()
+                    );
+                }
+            }
             session.write_from(offset, &mut f)?
         }
         None => session.write_from(offset, &mut std::io::stdin().lock())?,

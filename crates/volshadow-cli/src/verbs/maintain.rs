@@ -11,14 +11,14 @@ use volshadow_cow::{OpenMode, Volume};
 use crate::ops::{Reply, Request};
 use crate::output::{print_reply, print_reply_with, progress};
 use crate::session::Session;
-use crate::{control, guard, storage};
+use crate::{control, storage};
 
 /// `rebind`: pairs an image with its shadow storage again after both
 /// were copied or moved.
 pub(crate) fn rebind(volume: &Path, on: Option<&Path>, no_extent_clones: bool) -> Result<()> {
     let vol = match on {
         Some(diff) => {
-            if guard::same_file(diff, volume) {
+            if crate::identity::same_file(diff, volume) {
                 bail!(
                     "{} is the image itself, not its shadow storage; nothing was changed",
                     diff.display()

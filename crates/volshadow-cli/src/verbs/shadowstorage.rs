@@ -132,7 +132,7 @@ pub(crate) fn create_storage(
     // corrupt the other. The new diff area must not land on any volume's
     // file either.
     if let Some(o) = guard::owner(img, &[])
-        && !guard::same_file(
+        && !crate::identity::same_file(
             &storage::binding_path(&o.volume),
             &storage::binding_path(img),
         )
@@ -144,7 +144,7 @@ pub(crate) fn create_storage(
             o.volume.display()
         );
     }
-    if guard::same_file(img, diff) {
+    if crate::identity::same_file(img, diff) {
         bail!(
             "refusing to put shadow storage for {} on the image itself; nothing was changed",
             img.display()
@@ -158,6 +158,10 @@ pub(crate) fn create_storage(
             storage::binding_path(img).display()
         );
     }
+    // Where the binding goes must take it before the diff area is made (a
+    // device's goes to the state directory, which may be missing or
+    // unwritable).
+    storage::binding_dir(img)?;
     let origin: Arc<dyn BlockDevice> = Arc::from(open_device(img, &Default::default())?);
     // Room for max(maxsize, origin) of copies, so the limit can later be
     // raised that far. The file is sparse: unused room costs nothing.
@@ -184,14 +188,18 @@ pub(crate) fn create_storage(
             return Err(e.into());
         }
     };
-    storage::write_binding(img, diff, vol.id(), clones, !extent_clones)?;
+    if let Err(e) = storage::write_binding(img, diff, vol.id(), clones, !extent_clones) {
+        drop(vol);
+        let _ = std::fs::remove_file(diff);
+        return Err(e);
+    }
     Ok(vol)
 }
 
 pub(crate) fn list(volume: Option<PathBuf>, json: bool) -> Result<()> {
     let images: Vec<PathBuf> = match volume {
         Some(v) => vec![v],
-        None => guard::volumes_in(Path::new("."))?,
+        None => guard::volumes_from(Path::new("."))?,
     };
     #[derive(serde::Serialize)]
     struct Row {
