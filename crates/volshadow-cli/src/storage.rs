@@ -116,7 +116,13 @@ pub fn device_volumes() -> Vec<(PathBuf, PathBuf)> {
 fn device_base(img: &Path) -> PathBuf {
     let full = std::path::absolute(img).unwrap_or_else(|_| img.to_path_buf());
     let full = full.to_string_lossy();
-    let last = full
+    // Windows names are case-insensitive: `\\.\d:` is `\\.\D:`.
+    let key = if cfg!(windows) {
+        full.to_lowercase()
+    } else {
+        full.to_string()
+    };
+    let last = key
         .rsplit(['/', '\\'])
         .find(|s| !s.is_empty())
         .unwrap_or("device");
@@ -131,12 +137,6 @@ fn device_base(img: &Path) -> PathBuf {
         })
         .take(40)
         .collect();
-    // Windows names are case-insensitive: `\\.\d:` is `\\.\D:`.
-    let key = if cfg!(windows) {
-        full.to_lowercase()
-    } else {
-        full.to_string()
-    };
     let hash = Uuid::new_v5(&Uuid::NAMESPACE_URL, key.as_bytes())
         .simple()
         .to_string();
@@ -497,7 +497,7 @@ mod tests {
         assert_eq!(d.parent(), Some(state_dir().as_path()));
         let name = d.file_name().unwrap().to_str().unwrap().to_owned();
         assert!(
-            name.starts_with("D_-") && name.len() == "D_-".len() + 12,
+            name.starts_with("d_-") && name.len() == "d_-".len() + 12,
             "{name}"
         );
         // The same device however it is spelled; another device elsewhere.
@@ -505,7 +505,7 @@ mod tests {
         assert_ne!(sidecar_base(Path::new(r"\\.\E:")), d);
         let disk = sidecar_base(Path::new(r"\\.\PhysicalDrive1"));
         let disk = disk.file_name().unwrap().to_str().unwrap();
-        assert!(disk.starts_with("PhysicalDrive1-"), "{disk}");
+        assert!(disk.starts_with("physicaldrive1-"), "{disk}");
     }
 
     #[test]
