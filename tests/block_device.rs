@@ -308,3 +308,36 @@ fn an_unusable_state_directory_changes_nothing() {
         "add with a good state dir",
     );
 }
+
+/// A block device as `write --input` has a known length: past the end
+/// of the volume it is refused before anything is written.
+#[test]
+fn a_block_device_input_past_the_end_writes_nothing() {
+    if !is_root() || !have("losetup") {
+        eprintln!("SKIP: needs root and losetup for a loop device");
+        return;
+    }
+    let dir = volume("8M");
+    let d = dir.path();
+    std::fs::write(d.join("input.img"), random_bytes(6 << 20, 41)).unwrap();
+    let lo = Loop::attach(&d.join("input.img"), true);
+    let before = std::fs::read(d.join("disk.img")).unwrap();
+    let err = refused(
+        d,
+        &[
+            "write",
+            "--for",
+            "disk.img",
+            "--offset",
+            "4M",
+            "--input",
+            lo.dev(),
+        ],
+        1,
+    );
+    assert!(
+        err.contains("6291456 bytes") && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert!(std::fs::read(d.join("disk.img")).unwrap() == before);
+}

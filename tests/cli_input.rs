@@ -799,3 +799,82 @@ fn a_write_past_the_end_from_a_file_writes_nothing() {
     );
     assert_eq!(usage(), before, "chunks were copied");
 }
+
+/// An empty input at an offset past the end is refused, as the same read
+/// is: nothing is "written" outside the volume.
+#[test]
+fn an_empty_write_past_the_end_is_refused() {
+    let dir = volume("1M");
+    let d = dir.path();
+    let err = refused(d, &["write", "--for", "disk.img", "--offset", "5G"], 1);
+    assert!(err.contains("outside"), "{err}");
+}
+
+/// A binding that exists but cannot be read is reported as such, not as
+/// "no shadow storage" (whose advice, adding one, is then refused).
+#[test]
+fn an_unreadable_binding_says_so() {
+    let dir = volume("1M");
+    let d = dir.path();
+    let mut text = std::fs::read(d.join("disk.img.vshadow")).unwrap();
+    text.push(0xff);
+    std::fs::write(d.join("disk.img.vshadow"), &text).unwrap();
+    let err = refused(d, &["list", "shadows", "--for", "disk.img"], 1);
+    assert!(
+        err.contains("cannot be read") && !err.contains("has no shadow storage"),
+        "{err}"
+    );
+}
+
+/// The newer superblock copy damaged: the older copy is one generation
+/// short of what the binding recorded, which is not "an older copy put
+/// back"; the state is found in the journal and every copy reads exact.
+#[test]
+fn a_damaged_newest_superblock_copy_still_opens() {
+    let dir = volume("4M");
+    let d = dir.path();
+    let a = pattern(4 << 20, 5);
+    write_file(d, "a.bin", &a);
+    vs(
+        d,
+        &[
+            "write", "--for", "disk.img", "--offset", "0", "--input", "a.bin",
+        ],
+    );
+    let id = json(
+        d,
+        &[
+            "create",
+            "shadow",
+            "--for",
+            "disk.img",
+            "--persistent",
+            "--json",
+        ],
+    )["shadow"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    put(d, "disk.img", &mut a.clone(), 8192, &pattern(1 << 20, 6));
+    let diff = d.join("disk.diff");
+    let mut bytes = std::fs::read(&diff).unwrap();
+    let generation = |copy: usize| {
+        let at = copy * 4096 + 32;
+        u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+    };
+    let newest = if generation(1) > generation(0) { 1 } else { 0 };
+    bytes[newest * 4096 + 45] ^= 1;
+    std::fs::write(&diff, &bytes).unwrap();
+    let out = vs_raw(
+        d,
+        &[
+            "read", "--for", "disk.img", "--shadow", &id, "--offset", "0", "--length", "4M",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == a, "the shadow copy's bytes differ");
+}

@@ -44,6 +44,20 @@ fn identity(p: &Path) -> Option<Identity> {
     Some(PathBuf::from(c.to_string_lossy().to_lowercase()))
 }
 
+/// Whether `meta` is a block device's.
+pub fn is_block_device(meta: &std::fs::Metadata) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        meta.file_type().is_block_device()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        false
+    }
+}
+
 /// Whether `p` names an existing file (following symbolic links).
 pub fn exists(p: &Path) -> bool {
     identity(p).is_some()

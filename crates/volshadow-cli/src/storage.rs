@@ -161,13 +161,22 @@ pub fn state_dir() -> PathBuf {
 
 pub fn read_binding(img: &Path) -> Result<(Binding, PathBuf)> {
     let path = binding_path(img);
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "{} has no shadow storage (no {}); run `volshadow add shadowstorage --for {} --on DIFF --maxsize SIZE`",
-            img.display(),
-            path.display(),
-            img.display()
-        )
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        let what = if e.kind() == std::io::ErrorKind::NotFound {
+            format!(
+                "{} has no shadow storage (no {}); run `volshadow add shadowstorage --for {} --on DIFF --maxsize SIZE`",
+                img.display(),
+                path.display(),
+                img.display()
+            )
+        } else {
+            format!(
+                "{}'s shadow-storage binding {} cannot be read",
+                img.display(),
+                path.display()
+            )
+        };
+        anyhow::Error::new(e).context(what)
     })?;
     let b: Binding = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a valid shadow-storage binding", path.display()))?;
@@ -283,7 +292,7 @@ fn open_inner(img: &Path, mode: OpenMode, resolve: bool) -> Result<Volume> {
             .with_direct_writes(),
     );
     // Checked before opening: recovery writes, and a refusal changes nothing.
-    if let Ok((id, now)) = Volume::peek(&*diff) {
+    if let Ok((id, now, copy_damaged)) = Volume::peek(&*diff) {
         if id != binding.volume_id && mode != OpenMode::Rebind {
             bail!(
                 "{} holds volume {id}, but {} expects {}; nothing was changed",
@@ -292,8 +301,13 @@ fn open_inner(img: &Path, mode: OpenMode, resolve: bool) -> Result<Volume> {
                 binding.volume_id
             );
         }
+        // The two superblock copies are written in turn, one generation
+        // apart: with one damaged, the valid one may be the older by one,
+        // and recovery finds the newer state in the journal.
+        let one_short = copy_damaged && now.checked_add(1) == binding.generation;
         if let Some(last) = binding.generation
             && now < last
+            && !one_short
             && mode == OpenMode::Normal
         {
             bail!(

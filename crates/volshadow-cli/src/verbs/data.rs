@@ -10,28 +10,30 @@ use crate::session::Session;
 /// `write`: streams a file (or stdin) into the live volume.
 pub(crate) fn write(volume: &Path, offset: u64, input: Option<&Path>, json: bool) -> Result<()> {
     let mut session = Session::new(volume);
-    let written = match input {
+    let size = session.size()?;
+    // An input of known length (a regular file, a block device) is checked
+    // whole before anything is written; a pipe's end is only found at the
+    // piece that crosses the volume's (and that error says how much went
+    // in). An offset past the end is refused for any input, empty too.
+    let (mut file, known) = match input {
         Some(p) => {
             let mut f =
                 std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
-            // A regular file's length is known: a range past the end is
-            // refused before anything is written (a pipe's is only found
-            // at the piece that crosses it).
-            let meta = f
-                .metadata()
-                .with_context(|| format!("reading {}", p.display()))?;
-            if meta.is_file() {
-                let size = session.size()?;
-                if offset.checked_add(meta.len()).is_none_or(|end| end > size) {
-                    bail!(
-                        "write of {} bytes at offset {offset} is outside volume {} ({size} bytes); nothing was written",
-                        meta.len(),
-                        volume.display()
-                    );
-                }
-            }
-            session.write_from(offset, &mut f)?
+            let n = known_length(&mut f).with_context(|| format!("reading {}", p.display()))?;
+            (Some(f), n)
         }
+        None => (None, None),
+    };
+    let end = offset.checked_add(known.unwrap_or(0));
+    if end.is_none_or(|end| end > size) {
+        bail!(
+            "write of {} at offset {offset} is outside volume {} ({size} bytes); nothing was written",
+            known.map_or("data".to_string(), |n| format!("{n} bytes")),
+            volume.display()
+        );
+    }
+    let written = match &mut file {
+        Some(f) => session.write_from(offset, f)?,
         None => session.write_from(offset, &mut std::io::stdin().lock())?,
     };
     if json {
@@ -48,6 +50,23 @@ pub(crate) fn write(volume: &Path, offset: u64, input: Option<&Path>, json: bool
         eprintln!("Wrote {written} bytes at offset {offset}.");
     }
     Ok(())
+}
+
+/// The length of a regular file or a block device (read from its end, and
+/// the position put back); `None` for a pipe, a terminal or a character
+/// device, whose length is unknown.
+fn known_length(f: &mut std::fs::File) -> std::io::Result<Option<u64>> {
+    use std::io::{Seek, SeekFrom};
+    let meta = f.metadata()?;
+    if meta.is_file() {
+        return Ok(Some(meta.len()));
+    }
+    if !crate::identity::is_block_device(&meta) {
+        return Ok(None);
+    }
+    let len = f.seek(SeekFrom::End(0))?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(Some(len))
 }
 
 /// `read`: streams the range to stdout or a file, piece by piece.

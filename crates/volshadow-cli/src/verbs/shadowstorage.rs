@@ -197,6 +197,9 @@ pub(crate) fn create_storage(
 }
 
 pub(crate) fn list(volume: Option<PathBuf>, json: bool) -> Result<()> {
+    // Listing all that is found, one that cannot be read (a device
+    // detached, a binding damaged) is reported after the others.
+    let one = volume.is_some();
     let images: Vec<PathBuf> = match volume {
         Some(v) => vec![v],
         None => guard::volumes_from(Path::new("."))?,
@@ -222,31 +225,40 @@ pub(crate) fn list(volume: Option<PathBuf>, json: bool) -> Result<()> {
         #[serde(skip)]
         copies: &'static str,
     }
-    let mut rows = Vec::new();
-    for img in images {
+    let row = |img: PathBuf| -> Result<Option<Row>> {
         let (binding, diff) = storage::read_binding(&img)?;
         let mut session = Session::new(&img);
         let (reply, _) = session.call(&Request::Usage, &[])?;
-        if let Reply::Usage {
+        let Reply::Usage {
             usage,
             auto_deleted,
         } = reply
-        {
-            rows.push(Row {
-                volume: img,
-                shadow_storage: diff,
-                usage,
-                auto_deleted,
-                served: session.served(),
-                extent_clones: binding.extent_clones,
-                no_extent_clones: binding.no_extent_clones,
-                copies: copies_line(&binding),
-            });
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Row {
+            volume: img,
+            shadow_storage: diff,
+            usage,
+            auto_deleted,
+            served: session.served(),
+            extent_clones: binding.extent_clones,
+            no_extent_clones: binding.no_extent_clones,
+            copies: copies_line(&binding),
+        }))
+    };
+    let mut rows = Vec::new();
+    let mut failed = Vec::new();
+    for img in images {
+        match row(img.clone()) {
+            Ok(r) => rows.extend(r),
+            Err(e) if one => return Err(e),
+            Err(e) => failed.push(format!("{}: {}", img.display(), crate::one_line(&e))),
         }
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else if rows.is_empty() {
+    } else if rows.is_empty() && failed.is_empty() {
         println!("No shadow storage here.");
     } else {
         for r in rows {
@@ -268,6 +280,13 @@ pub(crate) fn list(volume: Option<PathBuf>, json: bool) -> Result<()> {
                 );
             }
         }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} shadow-storage association(s) could not be read: {}",
+            failed.len(),
+            failed.join("; ")
+        );
     }
     Ok(())
 }

@@ -327,18 +327,23 @@ impl Volume {
     }
 
     /// The volume id and superblock generation of the diff area on
-    /// `diff` (its newest valid superblock copy), read without opening it
-    /// or writing anything.
-    pub fn peek(diff: &dyn BlockDevice) -> Result<(Uuid, u64)> {
+    /// `diff` (its newest valid superblock copy), and whether the other
+    /// copy failed to validate (then the newest may be the damaged one, and
+    /// the generation one short), read without opening it or writing
+    /// anything.
+    pub fn peek(diff: &dyn BlockDevice) -> Result<(Uuid, u64, bool)> {
         let mut best: Option<Superblock> = None;
+        let mut damaged = false;
         for copy in 0..2 {
-            if let Ok(sb) = Journal::read_superblock_copy(diff, copy)?
-                && best.as_ref().is_none_or(|b| sb.generation > b.generation)
-            {
-                best = Some(sb);
+            match Journal::read_superblock_copy(diff, copy)? {
+                Ok(sb) if best.as_ref().is_none_or(|b| sb.generation > b.generation) => {
+                    best = Some(sb);
+                }
+                Ok(_) => {}
+                Err(_) => damaged = true,
             }
         }
-        best.map(|sb| (Uuid::from_bytes(sb.uuid), sb.generation))
+        best.map(|sb| (Uuid::from_bytes(sb.uuid), sb.generation, damaged))
             .ok_or_else(|| Error::NotADiffArea {
                 device: diff.name(),
                 reason: "no valid superblock copy".into(),
