@@ -342,17 +342,17 @@ impl Journal {
         Ok(())
     }
 
-    /// At a clean close: flush, then append a `Mark` whose envelope says
-    /// every record before it is committed, and flush again. Later damage
-    /// to any of those records is then reported instead of cut off.
-    pub(crate) fn close(&mut self) -> Result<()> {
-        let next = self.next_seq;
-        self.diff.flush()?;
-        self.durable.advance(self.sb.epoch, next);
-        if self.append_fitting(&[Record::Mark])? == 1 {
-            self.diff.flush()?;
-        }
-        Ok(())
+    /// At a clean close: the state (`records`, a checkpoint) goes to the
+    /// other half and the superblock switches to it, as in compaction. What
+    /// a clean close leaves then ends in that checkpoint's `CheckpointEnd`,
+    /// which the superblock vouches for: later damage to any of it, up to
+    /// its last record, is reported (an incomplete checkpoint) instead of
+    /// cut off as a torn tail. (A `Mark` appended after the records could
+    /// not say that of damage that reached the `Mark` too: copies whose
+    /// records were lost with it would be read from the overwritten origin.)
+    pub(crate) fn close(&mut self, records: Vec<Record>) -> Result<()> {
+        let id = self.sb.origin_id;
+        self.checkpoint(records, id)
     }
 }
 

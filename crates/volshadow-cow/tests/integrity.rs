@@ -132,6 +132,13 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 /// 1 MiB; a listing; 32 KiB at 2 MiB. Returns the pair, S1 and S2 with
 /// their bytes. `crash_last`: the last step ends without a clean close.
 fn findings_setup(crash_last: bool) -> (Pair, [(Uuid, Vec<u8>); 2]) {
+    findings_setup_then(crash_last, false)
+}
+
+/// As [`findings_setup`]; with `more`, the last session also writes at
+/// 3 MiB and flushes before it ends, so the 2 MiB copies' records are
+/// followed by records whose committed mark covers them.
+fn findings_setup_then(crash_last: bool, more: bool) -> (Pair, [(Uuid, Vec<u8>); 2]) {
     let pair = Pair {
         origin: Arc::new(MemDevice::new(16 * MIB)),
         diff: Arc::new(MemDevice::new(16 * MIB)),
@@ -163,6 +170,10 @@ fn findings_setup(crash_last: bool) -> (Pair, [(Uuid, Vec<u8>); 2]) {
     let vol = pair.open().unwrap();
     vol.write_at(&pattern(32 << 10, 4), 2 * MIB).unwrap();
     vol.flush().unwrap();
+    if more {
+        vol.write_at(&pattern(32 << 10, 5), 3 * MIB).unwrap();
+        vol.flush().unwrap();
+    }
     if crash_last {
         // As a kill -9: no clean close.
         std::mem::forget(vol);
@@ -226,7 +237,9 @@ fn an_undamaged_unflushed_copy_after_a_crash_still_opens() {
 
 #[test]
 fn a_flipped_journal_record_followed_by_committed_ones_is_corruption() {
-    let (pair, snaps) = findings_setup(false);
+    // A crash after later, flushed records: the damaged one is covered by
+    // their committed mark. (A clean close leaves a checkpoint instead.)
+    let (pair, snaps) = findings_setup_then(true, true);
     let records = pair.records();
     let (at, _) = records
         .iter()
@@ -582,4 +595,32 @@ fn matrix_data_slots() {
     assert_eq!(flips, vec![ReadsFail]);
     assert_eq!(zeroed, vec![ReadsFail]);
     assert_eq!(old, vec![ReadsFail]);
+}
+
+/// After a clean close the journal ends in a checkpoint the superblock
+/// names: zeroing its end (a few bytes, a record, a 4 KiB block) is never
+/// taken for a crash that cut copies off, whose chunks would then be read
+/// from the overwritten origin. Every case opens exact or is refused.
+#[test]
+fn a_zeroed_journal_end_after_a_clean_close_is_never_read_as_a_crash() {
+    let (pair, snaps) = findings_setup(false);
+    let records = pair.records();
+    // Ranges that take the journal's last record (the checkpoint's end)
+    // and what precedes it.
+    let (last, _) = *records.last().expect("a checkpoint");
+    for (from, to) in [
+        (last, last + 64),
+        (last - 96, last + 64),
+        (last.saturating_sub(4096) + 64, last + 64),
+        (records[0].0, last + 64),
+    ] {
+        let p = pair.copy();
+        p.diff
+            .write_at(&vec![0u8; (to - from) as usize], from)
+            .unwrap();
+        match p.open() {
+            Ok(vol) => check_all_exact(&vol, &snaps),
+            Err(e) => assert!(matches!(e, Error::Corrupt { .. }), "{from}..{to}: {e}"),
+        }
+    }
 }

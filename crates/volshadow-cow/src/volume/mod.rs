@@ -368,7 +368,9 @@ impl Volume {
         }
         inner.origin.flush()?;
         if !inner.failed.load(Ordering::Acquire) {
-            inner.state_write().journal.close()?;
+            let mut st = inner.state_write();
+            let records = st.checkpoint_records();
+            st.journal.close(records)?;
         }
         info!(diff = %inner.diff.name(), "volume closed");
         Ok(())
@@ -559,8 +561,9 @@ impl Inner {
 }
 
 impl Drop for Inner {
-    /// A clean close marks every journal record committed (see
-    /// `Journal::close`), so later damage to one is reported, not cut off.
+    /// A clean close leaves the state as a checkpoint the superblock names
+    /// (see `Journal::close`), so later damage to it is reported, not cut
+    /// off.
     fn drop(&mut self) {
         if self.doubts.is_some()
             || self.failed.load(Ordering::Acquire)
@@ -569,8 +572,9 @@ impl Drop for Inner {
             return;
         }
         let st = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
-        if let Err(e) = st.journal.close() {
-            warn!(error = %e, "could not mark the journal committed at close");
+        let records = st.checkpoint_records();
+        if let Err(e) = st.journal.close(records) {
+            warn!(error = %e, "could not write the closing checkpoint");
         }
     }
 }
