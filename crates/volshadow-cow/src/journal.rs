@@ -350,7 +350,26 @@ impl Journal {
     /// cut off as a torn tail. (A `Mark` appended after the records could
     /// not say that of damage that reached the `Mark` too: copies whose
     /// records were lost with it would be read from the overwritten origin.)
+    ///
+    /// Only while the superblock on the device is still this handle's: a
+    /// handle whose diff area was opened again meanwhile (a second opener
+    /// where nothing locks the device) writes nothing, so it cannot
+    /// overwrite the newer state.
     pub(crate) fn close(&mut self, records: Vec<Record>) -> Result<()> {
+        let newest = (0..2)
+            .filter_map(|copy| Self::read_superblock_copy(&*self.diff, copy).ok()?.ok())
+            .map(|sb| sb.generation)
+            .max();
+        if newest != Some(self.sb.generation) {
+            return Err(Error::Corrupt {
+                device: self.name(),
+                offset: 0,
+                reason: format!(
+                    "not closed: the superblock is at generation {newest:?}, this handle's is {}; the diff area was opened again meanwhile",
+                    self.sb.generation
+                ),
+            });
+        }
         let id = self.sb.origin_id;
         self.checkpoint(records, id)
     }
