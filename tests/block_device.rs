@@ -16,6 +16,15 @@ use common::*;
 
 const SIZE: usize = 32 << 20;
 
+/// Whether loop devices can be made here; says why not.
+fn loop_devices() -> bool {
+    let ok = is_root() && have("losetup");
+    if !ok {
+        eprintln!("SKIP: needs root and losetup for a loop device");
+    }
+    ok
+}
+
 /// `volshadow ARGS` in `dir` with `state` as the state directory.
 fn vs_in(dir: &Path, state: &Path, args: &[&str]) -> Output {
     vs_env(dir, &[("VOLSHADOW_STATE_DIR", state)], args)
@@ -44,8 +53,7 @@ fn files_in(dir: &Path) -> Vec<String> {
 
 #[test]
 fn a_block_device_keeps_its_files_in_the_state_directory() {
-    if !is_root() || !have("losetup") {
-        eprintln!("SKIP: needs root and losetup for a loop device");
+    if !loop_devices() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -159,8 +167,7 @@ fn a_block_device_keeps_its_files_in_the_state_directory() {
 /// volume's verb may write over the device's diff area.
 #[test]
 fn another_name_of_a_device_is_the_same_volume() {
-    if !is_root() || !have("losetup") {
-        eprintln!("SKIP: needs root and losetup for a loop device");
+    if !loop_devices() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -275,8 +282,7 @@ fn another_name_of_a_device_is_the_same_volume() {
 /// diff area is made, so the next try with a good one works.
 #[test]
 fn an_unusable_state_directory_changes_nothing() {
-    if !is_root() || !have("losetup") {
-        eprintln!("SKIP: needs root and losetup for a loop device");
+    if !loop_devices() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -313,8 +319,7 @@ fn an_unusable_state_directory_changes_nothing() {
 /// of the volume it is refused before anything is written.
 #[test]
 fn a_block_device_input_past_the_end_writes_nothing() {
-    if !is_root() || !have("losetup") {
-        eprintln!("SKIP: needs root and losetup for a loop device");
+    if !loop_devices() {
         return;
     }
     let dir = volume("8M");

@@ -841,20 +841,7 @@ fn a_damaged_newest_superblock_copy_still_opens() {
             "write", "--for", "disk.img", "--offset", "0", "--input", "a.bin",
         ],
     );
-    let id = json(
-        d,
-        &[
-            "create",
-            "shadow",
-            "--for",
-            "disk.img",
-            "--persistent",
-            "--json",
-        ],
-    )["shadow"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = create_shadow(d, "disk.img");
     put(d, "disk.img", &mut a.clone(), 8192, &pattern(1 << 20, 6));
     let diff = d.join("disk.diff");
     let mut bytes = std::fs::read(&diff).unwrap();

@@ -83,19 +83,8 @@ fn scenario(dir: &Path, extra: &[&str]) -> (Vec<u8>, String, String) {
     const SIZE: usize = 32 << 20;
     let mut model = random_bytes(SIZE, 1);
     std::fs::write(dir.join("disk.img"), &model).unwrap();
-    let mut args = vec![
-        "add",
-        "shadowstorage",
-        "--for",
-        "disk.img",
-        "--on",
-        "disk.diff",
-        "--maxsize",
-        "32M",
-    ];
-    args.extend_from_slice(extra);
-    let added = vs(dir, &args);
-    let id = shadow_create(dir);
+    let added = add_storage(dir, "disk.img", "disk.diff", "32M", extra);
+    let id = create_shadow(dir, "disk.img");
     let old = model.clone();
     // Unaligned, across many chunks, in two writes.
     put(
@@ -118,11 +107,6 @@ fn scenario(dir: &Path, extra: &[&str]) -> (Vec<u8>, String, String) {
         "live volume differs"
     );
     (old, id, added)
-}
-
-fn shadow_create(dir: &Path) -> String {
-    let v = json(dir, &["create", "shadow", "--for", "disk.img", "--json"]);
-    v["shadow"]["id"].as_str().unwrap().to_string()
 }
 
 fn exported(dir: &Path, id: &str) -> Vec<u8> {
@@ -221,7 +205,7 @@ fn no_extent_clones_on_xfs_writes_the_copies() {
     assert_eq!(listed[0]["no_extent_clones"], serde_json::Value::Bool(true));
     let text = vs(dir, &["list", "shadowstorage", "--for", "disk.img"]);
     assert!(copies_line(&text).contains("--no-extent-clones"), "{text}");
-    let id2 = shadow_create(dir);
+    let id2 = create_shadow(dir, "disk.img");
     let mut model = std::fs::read(dir.join("disk.img")).unwrap();
     let before = model.clone();
     poke_chunks(dir, &mut model, 4);
@@ -244,19 +228,7 @@ fn rebind_with_no_extent_clones_refuses_clones_from_then_on() {
     let dir = xfs.mnt.as_path();
     let mut model = random_bytes(16 << 20, 5);
     std::fs::write(dir.join("disk.img"), &model).unwrap();
-    let added = vs(
-        dir,
-        &[
-            "add",
-            "shadowstorage",
-            "--for",
-            "disk.img",
-            "--on",
-            "disk.diff",
-            "--maxsize",
-            "32M",
-        ],
-    );
+    let added = add_storage(dir, "disk.img", "disk.diff", "32M", &[]);
     assert!(copies_line(&added).contains("extent clones"), "{added}");
     std::fs::rename(dir.join("disk.diff"), dir.join("moved.diff")).unwrap();
     vs(
@@ -272,7 +244,7 @@ fn rebind_with_no_extent_clones_refuses_clones_from_then_on() {
     );
     let text = vs(dir, &["list", "shadowstorage", "--for", "disk.img"]);
     assert!(copies_line(&text).contains("--no-extent-clones"), "{text}");
-    let id = shadow_create(dir);
+    let id = create_shadow(dir, "disk.img");
     let old = model.clone();
     poke_chunks(dir, &mut model, 6);
     assert!(exported(dir, &id) == old);

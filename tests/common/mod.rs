@@ -133,7 +133,8 @@ pub fn volume(size: &str) -> tempfile::TempDir {
 }
 
 /// `add shadowstorage --for IMG --on DIFF --maxsize MAX` and `extra`.
-pub fn add_storage(dir: &Path, img: &str, diff: &str, max: &str, extra: &[&str]) {
+/// Returns what it printed.
+pub fn add_storage(dir: &Path, img: &str, diff: &str, max: &str, extra: &[&str]) -> String {
     let mut args = vec![
         "add",
         "shadowstorage",
@@ -145,7 +146,13 @@ pub fn add_storage(dir: &Path, img: &str, diff: &str, max: &str, extra: &[&str])
         max,
     ];
     args.extend_from_slice(extra);
-    vs(dir, &args);
+    vs(dir, &args)
+}
+
+/// `create shadow --for IMG` (persistent, the default); returns its id.
+pub fn create_shadow(dir: &Path, img: &str) -> String {
+    let v = json(dir, &["create", "shadow", "--for", img, "--json"]);
+    v["shadow"]["id"].as_str().unwrap().to_string()
 }
 
 /// Skips (with a printed reason) unless all tools are present. CI installs

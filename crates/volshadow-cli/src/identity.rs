@@ -16,12 +16,12 @@ type Identity = PathBuf;
 
 #[cfg(unix)]
 fn identity(p: &Path) -> Option<Identity> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::os::unix::fs::MetadataExt;
     // `metadata` follows symbolic links: a link is its target.
     let m = std::fs::metadata(p).ok()?;
     // A block device is the device it opens, whichever node names it
     // (no file system has device number u64::MAX).
-    Some(if m.file_type().is_block_device() {
+    Some(if is_block_device(&m) {
         (u64::MAX, m.rdev())
     } else {
         (m.dev(), m.ino())
